@@ -1,0 +1,38 @@
+"""The smoke test as a Prefect task: the deployment's probe set, once, against a live endpoint.
+
+The probes' results become a table artifact whether they pass or not (a failed deployment is exactly
+when someone reads it); below the set's min_pass_rate the task fails with every failed probe and why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from phitune.config import PipelineConfig
+from phitune.probes import ProbeReport
+from phitune.serving.endpoints import SmokeCheck, probe_smoke_check
+
+
+def publish(report: ProbeReport, key: str = "smoke-test") -> None:
+    """One row per probe: passed, latency, error class, why it failed, the start of the answer."""
+    rows = [
+        {"probe": r.id, "passed": r.passed, "latency_s": None if r.latency_s is None else round(r.latency_s, 3),
+         "error": r.error or "", "failures": "; ".join(r.failures), "output": (r.output or "")[:120]}
+        for r in report.results
+    ]
+    create_table_artifact(table=rows, key=key,
+                          description=f"smoke test: {report.passed}/{report.total} probes passed at {report.base_url}")
+
+
+def smoke_check(config: PipelineConfig) -> SmokeCheck:
+    """The configured probe set as the check of a blue/green deployment, publishing its table artifact."""
+    return probe_smoke_check(config, on_report=publish)
+
+
+@task(name="smoke-test")
+def smoke_test(config: PipelineConfig, base_url: str, model: str | None = None) -> dict[str, Any]:
+    """Run the probe set once against `base_url`; returns the summary, raises SmokeTestFailed below min_pass_rate."""
+    return smoke_check(config)(base_url, model)

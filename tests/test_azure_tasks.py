@@ -1,0 +1,168 @@
+"""The Prefect side of the Azure backend, on a real (temporary) Prefect server and the fake Azure:
+progress artifact and status log, the endpoint key in a Secret block, and the hook that cancels the
+Azure job of a crashed or cancelled flow run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from azure_fake import FakeAzure, Reply, route_blob_uploads, write_chat_jsonl
+from prefect import flow
+from prefect.artifacts import Artifact
+from prefect.blocks.system import Secret
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.logging.handlers import APILogHandler
+from prefect.states import Cancelled
+from prefect.testing.utilities import prefect_test_harness
+
+from phitune.azure.client import override_connection
+from phitune.azure.finetune import FLOW_RUN_TAG, AzureFinetuneResult
+from phitune.config import PipelineConfig, load_config
+
+from tasks.azure import (
+    azure_delete_endpoint,
+    azure_deploy,
+    azure_finetune,
+    azure_preflight,
+    azure_upload_data,
+    cancel_azure_job_on_cancel,
+    secret_block_name,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAzure]:
+    fake = FakeAzure()
+    route_blob_uploads(monkeypatch, fake)
+    with override_connection(credential=fake.credential, transport=fake.transport()):
+        yield fake
+
+
+@pytest.fixture
+def cfg(fake: FakeAzure) -> PipelineConfig:
+    return load_config(
+        Path(__file__).resolve().parents[1] / "configs/phi3-mini-azure.yaml",
+        [
+            f"azure.subscription_id={fake.subscription_id}", f"azure.resource_group={fake.resource_group}",
+            f"azure.workspace={fake.workspace}", "azure.poll_interval_s=0.01", "azure.poll_max_interval_s=0.02",
+        ],
+    )
+
+
+@pytest.fixture
+def train_file(tmp_path: Path) -> str:
+    return str(write_chat_jsonl(tmp_path / "train.jsonl", 12))
+
+
+class WorkerLost(BaseException):
+    """What Prefect turns into a Crashed flow run (not TerminationSignal: Prefect re-sends that SIGTERM to the test process)."""
+
+
+class Contract:
+    valid, errors, stats = True, [], {"tokens": 900}
+
+
+@flow(on_crashed=[cancel_azure_job_on_cancel], on_cancellation=[cancel_azure_job_on_cancel])
+def azure_train(config: PipelineConfig, train_file: str) -> AzureFinetuneResult:
+    azure_preflight(config, train_file, None, Contract())
+    train, validation = azure_upload_data(config, train_file, None)
+    return azure_finetune(config, train, validation)
+
+
+def flow_run_logs(flow_run_id: object) -> str:
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def test_finetune_task_reports_progress_and_tags_the_job_with_the_flow_run(fake: FakeAzure, cfg: PipelineConfig, train_file: str) -> None:
+    state = azure_train(cfg, train_file, return_state=True)
+
+    result = state.result()
+    assert isinstance(result, AzureFinetuneResult) and result.state == "succeeded"
+    (job,) = fake.jobs.values()
+    assert job["properties"]["tags"][FLOW_RUN_TAG] == str(state.state_details.flow_run_id)
+    progress = Artifact.get("azure-finetune-progress")
+    assert progress is not None and progress.type == "progress" and float(progress.data) == 100.0
+    assert Artifact.get("azure-preflight") is not None
+    logs = flow_run_logs(state.state_details.flow_run_id)
+    assert "[PASS   ] region: eastus2 supports serverless fine-tuning" in logs
+    assert f"submitted Azure fine-tuning job {result.job_name}" in logs
+    assert "Azure job status Running (running)" in logs and "Azure job status Completed (succeeded)" in logs
+
+
+def test_failing_preflight_stops_the_flow_before_any_upload(fake: FakeAzure, cfg: PipelineConfig, train_file: str) -> None:
+    fake.location = "westeurope"
+
+    state = azure_train(cfg, train_file, return_state=True)
+
+    assert state.is_failed() and "region westeurope does not support" in str(state.message)
+    assert not fake.sent("PUT")
+
+
+def test_crashed_flow_run_cancels_its_azure_job(fake: FakeAzure, cfg: PipelineConfig, train_file: str) -> None:
+    fake.job_script = ["Queued", "Running"]
+    # The flow run's process dies while the task polls the job (at the third status read).
+    fake.inject("GET", r"/jobs/[^/]+$", Reply(raises=WorkerLost()), after=4)
+
+    with pytest.raises(WorkerLost):
+        azure_train(cfg, train_file)
+
+    (name,) = fake.jobs
+    (cancel,) = fake.sent("POST", r"/jobs/[^/]+/cancel$")
+    assert cancel.path == f"{fake.ws_path}/jobs/{name}/cancel"
+    assert fake.jobs[name]["_status"] == "CancelRequested"
+    flow_run_id = fake.jobs[name]["properties"]["tags"][FLOW_RUN_TAG]
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run_id).state.is_crashed()  # type: ignore[union-attr]
+    assert f"cancelled Azure job(s) {name}" in flow_run_logs(flow_run_id)
+
+
+def test_cancel_hook_reads_the_config_parameter_and_cancels_only_that_runs_job(fake: FakeAzure, cfg: PipelineConfig, train_file: str) -> None:
+    fake.job_script = ["Running"]
+    cfg.azure.job_timeout_h = 1e-6  # the flow gives up waiting; the job keeps running in Azure
+    first = azure_train(cfg, train_file, return_state=True)
+    second = azure_train(cfg, train_file, return_state=True)
+    assert first.is_failed() and second.is_failed() and len(fake.jobs) == 2
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(first.state_details.flow_run_id)
+
+    cancel_azure_job_on_cancel(azure_train, flow_run, Cancelled())
+
+    (cancel,) = fake.sent("POST", r"/jobs/[^/]+/cancel$")
+    (mine,) = [n for n, j in fake.jobs.items() if j["properties"]["tags"][FLOW_RUN_TAG] == str(flow_run.id)]
+    assert cancel.path.endswith(f"/jobs/{mine}/cancel")
+
+
+def test_deploy_keeps_the_key_in_a_secret_block_only(fake: FakeAzure, cfg: PipelineConfig) -> None:
+    model_id = fake.add_model("phitune-ft", "1")["properties"]["modelUri"]
+
+    @flow
+    def deploy_then_retire() -> dict:
+        deployed = azure_deploy(config=cfg, model_id=model_id, base_model_id=cfg.azure.model_id)
+        assert Secret.load(deployed["secret_block"]).get() == "pk-phitune-phi3-mini-ft-secret"
+        azure_delete_endpoint(cfg, cfg.deployment.endpoint_name)
+        return deployed
+
+    state = deploy_then_retire(return_state=True)
+
+    deployed = state.result()
+    assert deployed["secret_block"] == secret_block_name("phitune-phi3-mini-ft") == "azure-endpoint-key-phitune-phi3-mini-ft"
+    assert deployed["base_url"] == "https://phitune-phi3-mini-ft.eastus2.models.ai.azure.com"
+    assert "pk-" not in str(deployed)  # the key itself is nowhere in the result
+    logs = flow_run_logs(state.state_details.flow_run_id)
+    assert "key in Secret block 'azure-endpoint-key-phitune-phi3-mini-ft'" in logs and "pk-" not in logs
+    with pytest.raises(ValueError):
+        Secret.load(deployed["secret_block"])  # removed with the endpoint
+    assert fake.sent("DELETE", "/serverlessEndpoints/phitune-phi3-mini-ft$")
