@@ -20,14 +20,18 @@ help:  ## list the targets
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, from the local CPU wheel: anything else lets pip fetch a CUDA build (gigabytes).
+# torch first, with pip, from the local CPU wheel (pip's find-links): anything else fetches a CUDA
+# build (gigabytes). Then uv installs the rest against that torch: ~20 s instead of pip's ~3.5 min,
+# the same versions (constraints.txt pins what matters).
+UV := $(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt
+
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e .
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 uv
+	$(UV) -e .
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(UV) -e '.[test]'
 	@touch $@
 
 install: $(VENV)/.installed  ## create .venv and install phitune

@@ -48,7 +48,7 @@ from phitune.registry.promotion import LOCK_TIMEOUT_S
 from phitune.registry.runs import set_run_tags
 from phitune.serving.endpoints import Endpoint, clear, list_endpoints, record
 from tasks.azure import azure_delete_endpoint, azure_deploy, azure_finetune, azure_preflight, azure_upload_data, secret_block_name
-from tasks.register import PROMOTION_LIMIT, _ensure_limit
+from tasks.register import PROMOTION_LIMIT, ensure_limit
 from tasks.smoke import publish
 
 MAX_ENDPOINT_NAME = 32
@@ -225,7 +225,7 @@ def promotion_gate(config: PipelineConfig, run_id: str, registered: dict[str, An
     """
     name, version = registered["name"], registered["version"]
     record_version_metrics(config, version, evaluation["candidate"])
-    _ensure_limit(PROMOTION_LIMIT)
+    ensure_limit(PROMOTION_LIMIT)
     with concurrency(PROMOTION_LIMIT, occupy=1, timeout_seconds=LOCK_TIMEOUT_S, strict=True):
         decision = registry.promote(config.registry, version, evaluation)
     reason = decision.reason

@@ -19,6 +19,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.azure import finetune_on_azure
+from flows.report import print_summary
+from flows.train import train_on_deployment
 from phitune.config import PipelineConfig, load_config
 from phitune.errors import PhituneError
 from tasks.azure import cancel_azure_job_on_cancel
@@ -57,8 +60,6 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
             close_run(config, run_id, "FINISHED", note=f"skipped: unchanged since champion v{version}")
             return {**summary, "skipped": True, "champion_version": version}
         if config.training.backend == "azure":
-            from flows.azure import finetune_on_azure
-
             summary.update(finetune_on_azure(config, data, run_id))
         else:
             summary.update(_finetune_locally(config, data, run_id, work_dir))
@@ -72,8 +73,6 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
 def _finetune_locally(config: PipelineConfig, data: dict[str, Any], run_id: str, work_dir: str) -> dict[str, Any]:
     """LoRA here (or on the GPU work pool), evaluation here, then the gate and a local/vLLM deployment."""
     if config.training.deployment:
-        from flows.train import train_on_deployment
-
         trained = train_on_deployment(config, data, run_id, work_dir)
     else:
         trained = train_adapter(config, data, run_id, work_dir)
@@ -96,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     except PhituneError as err:
         print(f"phitune: error: {err}", file=sys.stderr)
         return err.exit_code
-    from flows.report import print_summary
-
     print_summary(config, result)
     return 0
 

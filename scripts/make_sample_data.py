@@ -162,6 +162,8 @@ LONG = (
 )
 FOLLOW_UPS = ("Thanks. One more thing:", "Great, thanks! Another issue:", "OK. Also:")
 MULTI_TURN_SHARE = 0.1
+NO_SYSTEM_SHARE = 0.2
+"""Examples without a system prompt: the model learns the shape for clients that send none (a bare curl)."""
 _WORD = re.compile(r"\{\w+\}|[A-Za-z']+")  # a slot placeholder (left alone) or a plain word
 
 
@@ -225,9 +227,9 @@ def _turn(label: str, template: str, slots: dict[str, str]) -> tuple[dict, dict]
     return {"role": "user", "content": user}, {"role": "assistant", "content": assistant}
 
 
-def _example(label: str, multi_turn: bool, rng: random.Random) -> dict:
+def _example(label: str, multi_turn: bool, system: bool, rng: random.Random) -> dict:
     """One chat; a multi-turn one opens with an issue of another category and ends with `label`."""
-    messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}]
+    messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if system else []
     if multi_turn:
         first = rng.choice([other for other in LABELS if other != label])
         style = rng.choice((_terse, _polite))
@@ -245,13 +247,15 @@ def example_key(example: dict) -> tuple[str, ...]:
 
 
 def _split(n: int, rng: random.Random, seen: set[tuple[str, ...]]) -> list[dict]:
-    """`n` new examples, labels as equal as `n` allows, ~10% multi-turn, none whose key is in `seen`."""
+    """`n` new examples, labels as equal as `n` allows, ~10% multi-turn, ~20% without a system prompt,
+    none whose key is in `seen`."""
     labels = [LABELS[i % len(LABELS)] for i in range(n)]
     multi = set(rng.sample(range(n), round(n * MULTI_TURN_SHARE)))
+    bare = set(rng.sample(range(n), round(n * NO_SYSTEM_SHARE)))
     examples = []
     for i, label in enumerate(labels):
         for _ in range(1000):
-            example = _example(label, i in multi, rng)
+            example = _example(label, i in multi, i not in bare, rng)
             if example_key(example) not in seen:
                 break
         else:

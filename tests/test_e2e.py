@@ -17,24 +17,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from phitune import default_model
 from phitune.probes import chat_url
 from phitune.registry import client_for
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-SYSTEM = yaml.safe_load((ROOT / "configs/probes/support.yaml").read_text())["system"]  # as in the training data
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    if not default_model.is_ready():
-        try:
-            default_model.pull_default()
-        except Exception as exc:  # offline: nothing to test end to end
-            pytest.skip(f"embedded default model unavailable: {exc}")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> dict:
     work = tmp_path_factory.mktemp("e2e")
     shutil.copytree(ROOT / "data", work / "data")
     shutil.copytree(ROOT / "configs", work / "configs")
@@ -77,10 +69,8 @@ def test_the_champion_is_served_and_answers_in_the_learned_shape(pipeline_run: d
     reply = httpx.post(
         chat_url(urls[0]),
         json={
-            "messages": [
-                {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": "I was charged twice for my Skylark subscription this month"},
-            ],
+            # No system prompt, like the curl line `make run` prints: a fifth of the sample data has none.
+            "messages": [{"role": "user", "content": "I was charged twice for my Skylark subscription this month"}],
             "max_tokens": 24,
         },
         timeout=120,

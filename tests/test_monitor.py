@@ -16,7 +16,6 @@ import httpx
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.events.filters import EventFilter, EventNameFilter
-from prefect.testing.utilities import prefect_test_harness
 from serving_support import dead_url, hanging_endpoint, register_tiny_versions, running, wait_until, write_probe_set
 
 from phitune import registry
@@ -29,10 +28,7 @@ from phitune.serving.endpoints import Endpoint
 MODEL = "watched"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def killed_process_url() -> tuple[str, int]:

@@ -5,8 +5,6 @@ and a second pipeline evaluates the champion beside its candidate."""
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +14,15 @@ from peft import LoraConfig, get_peft_model
 from prefect import flow
 from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
-from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoModelForCausalLM
 
 from phitune.config import PipelineConfig
 from phitune.registry import CHAMPION, configure
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # tasks/ is a top-level package of the repo, not of the installed phitune
-    sys.path.insert(0, str(ROOT))
-
-from tasks.evaluate import evaluate_models  # noqa: E402
-from tasks.register import PROMOTION_LIMIT, close_run, open_run, register_and_promote, unchanged_champion  # noqa: E402
+from tasks.evaluate import evaluate_models
+from tasks.register import PROMOTION_LIMIT, close_run, open_run, register_and_promote, unchanged_champion
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @flow

@@ -51,13 +51,14 @@ def test_committed_files_equal_a_fresh_generation(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), f"{name} drifted: rerun scripts/make_sample_data.py"
 
 
-def test_sizes_roles_and_multi_turn_share(splits: dict[str, list[dict]]) -> None:
+def test_sizes_roles_multi_turn_and_no_system_shares(splits: dict[str, list[dict]]) -> None:
     assert {name: len(examples) for name, examples in splits.items()} == {"train": 200, "validation": 50}
     for name, examples in splits.items():
         shapes = Counter(tuple(m["role"] for m in e["messages"]) for e in examples)
-        single, multi = ("system", "user", "assistant"), ("system", "user", "assistant", "user", "assistant")
-        assert set(shapes) == {single, multi}
-        assert shapes[multi] == round(len(examples) * 0.1), name
+        single, multi = ("user", "assistant"), ("user", "assistant", "user", "assistant")
+        assert set(shapes) <= {single, multi, ("system", *single), ("system", *multi)}
+        assert shapes[multi] + shapes[("system", *multi)] == round(len(examples) * 0.1), name
+        assert shapes[single] + shapes[multi] == round(len(examples) * 0.2), name  # no system prompt
 
 
 def test_every_assistant_turn_has_the_shape_and_a_known_label(splits: dict[str, list[dict]]) -> None:
@@ -78,7 +79,7 @@ def test_replies_follow_their_category_pattern_with_details_from_the_user(splits
     }
     for examples in splits.values():
         for example in examples:
-            turns = example["messages"][1:]
+            turns = [m for m in example["messages"] if m["role"] != "system"]
             for user, assistant in zip(turns[::2], turns[1::2]):
                 label, reply = assistant["content"].removeprefix("Category: ").split("\nReply: ")
                 match = patterns[label].fullmatch(reply)

@@ -13,7 +13,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving_support import running, wait_until
 
-from phitune.default_model import is_ready as default_model_ready
 from phitune.errors import EndpointError
 from phitune.serving.generator import LoadedModel, load_model
 from phitune.serving.server import ServerSettings, create_app, read_api_key
@@ -290,16 +289,14 @@ def test_requests_join_a_running_batch_and_get_the_same_answers(chatml_model: Lo
     assert passes_with_at_least(m, 2) >= 1  # the late request was decoded alongside the first
 
 
-@pytest.mark.skipif(not default_model_ready(), reason="the default model is not provisioned (phitune model pull-default)")
-def test_default_model_answers_the_same_alone_batched_and_joining() -> None:
+def test_default_model_answers_the_same_alone_batched_and_joining(default_model_dir: Path) -> None:
     """On the real SmolLM2 (greedy): requests that start together or join mid-generation get the solo answer."""
     import time
 
     from phitune.chat import prompt_ids
-    from phitune.default_model import default_model_path
     from phitune.serving.generator import BatchingGenerator, Job
 
-    loaded = load_model(str(default_model_path()))
+    loaded = load_model(str(default_model_dir))
     prompts = ["What is the capital of France?", "My Wi-Fi keeps dropping every evening, what should I do?", "hi"]
     sizes = [12, 10, 6]
 

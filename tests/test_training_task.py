@@ -8,7 +8,6 @@ import pytest
 from prefect import flow
 from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
-from prefect.testing.utilities import prefect_test_harness
 
 from phitune.config import PipelineConfig
 from phitune.errors import TrainingError
@@ -17,10 +16,7 @@ from tasks.train import train_adapter
 from test_training import support_chats, write_jsonl
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _setup(tmp_path: Path, model: Path, **training) -> tuple[PipelineConfig, dict, str]:
