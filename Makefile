@@ -45,7 +45,8 @@ run: install  ## validate, fine-tune, evaluate, register, deploy and smoke-test 
 test: install-test  ## install test extras and run the test suite
 	$(BIN)/pytest
 
-bench: install-test  ## benchmarks against baselines, side by side (validation, training, serving)
+bench: install  ## benchmarks against baselines, side by side (validation, training, serving)
+	$(UV) -e '.[test,bench]'
 	$(BIN)/phitune model pull-default
 	$(BIN)/phitune bench
 
