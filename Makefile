@@ -11,6 +11,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# The in-process runs of `make run` start a temporary Prefect server; 20 s (the default) is short on 2 busy cores.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
 .PHONY: run test bench install install-test up down clean help
 
@@ -22,8 +24,10 @@ $(BIN)/python:
 
 # torch first, with pip, from the local CPU wheel (pip's find-links): anything else fetches a CUDA
 # build (gigabytes). Then uv installs the rest against that torch: ~20 s instead of pip's ~3.5 min,
-# the same versions (constraints.txt pins what matters).
-UV := $(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt
+# the same versions (constraints.txt pins what matters). --compile-bytecode as pip does: where
+# PYTHONDONTWRITEBYTECODE is set, every process would otherwise recompile Prefect, MLflow and torch
+# from source, and Prefect's temporary server misses its start-up timeout.
+UV := $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt
 
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 uv

@@ -32,7 +32,6 @@ from tasks.azure import (
     secret_block_name,
 )
 
-
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 

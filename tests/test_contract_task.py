@@ -16,7 +16,6 @@ from phitune.data import data_digest
 from phitune.errors import DataError
 from tasks.validate import FAILURES_KEY, SUMMARY_KEY, validate_data
 
-
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 

@@ -27,7 +27,6 @@ from phitune.serving.endpoints import Endpoint
 
 MODEL = "watched"
 
-
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 

@@ -21,7 +21,6 @@ from phitune.registry import CHAMPION, configure
 from tasks.evaluate import evaluate_models
 from tasks.register import PROMOTION_LIMIT, close_run, open_run, register_and_promote, unchanged_champion
 
-
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 

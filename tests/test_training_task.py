@@ -15,7 +15,6 @@ from phitune.registry import client_for
 from tasks.train import train_adapter
 from test_training import support_chats, write_jsonl
 
-
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
