@@ -14,7 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # The in-process runs of `make run` start a temporary Prefect server; 20 s (the default) is short on 2 busy cores.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
-.PHONY: run test bench install install-test up down clean help
+.PHONY: run test test-fast bench install install-test up down clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -46,8 +46,11 @@ run: install  ## validate, fine-tune, evaluate, register, deploy and smoke-test 
 	$(BIN)/phitune model pull-default
 	$(BIN)/python flows/pipeline.py --config $(CONFIG)
 
-test: install-test  ## install test extras and run the test suite
+test: install-test  ## install test extras and run the whole test suite (what CI runs)
 	$(BIN)/pytest
+
+test-fast: install-test  ## the inner loop: unit tests on tiny models, no real stack or embedded-model runs (minutes)
+	$(BIN)/pytest -m "not slow and not integration"
 
 bench: install  ## benchmarks against baselines, side by side (validation, training, serving)
 	$(UV) -e '.[test,bench]'

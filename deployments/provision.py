@@ -1,8 +1,9 @@
 """Provision a running Prefect server for phitune: work pools, the GPU concurrency limit, the
 deployments of prefect.yaml and the automations. Idempotent: run it again after editing prefect.yaml.
 
-`phitune stack up` runs this as `python -m deployments.provision` against the server it started (the
-core library must not import Prefect); against any other server set PREFECT_API_URL and run the same.
+`phitune stack up` runs this as `python -m deployments.provision` against the server it started, with
+the stack's environment (Prefect reads PREFECT_API_URL from it); against any other server set
+PREFECT_API_URL and run the same.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.workers.process import ProcessWorker
 
 from deployments.automations import create_automations
-from phitune.stack import GPU_LIMIT
+from deployments.stack import GPU_LIMIT
 
 POOLS = {
     "cpu": "Validation, evaluation, registration, deployment and monitoring (process worker).",

@@ -10,14 +10,13 @@ Run once by hand:  python flows/monitor.py [--config CONFIG] [key.sub=value ...]
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
 from prefect import flow
 
-from phitune.config import PipelineConfig, load_config
-from phitune.errors import PhituneError
+from flows.report import run_cli
+from phitune.config import PipelineConfig
 from tasks.monitor import check_endpoints, publish_health
 
 
@@ -29,23 +28,13 @@ def monitor(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     return {"endpoints": [r["row"] for r in results], "events": events}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run one monitoring pass over every live endpoint.")
-    parser.add_argument("--config", "-c", help="pipeline config YAML (default: built-in defaults)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    try:
-        result = monitor(load_config(args.config, args.overrides))
-    except PhituneError as err:
-        print(f"phitune: error: {err}", file=sys.stderr)
-        return err.exit_code
+def print_health(config: PipelineConfig, result: dict[str, Any]) -> None:
     for row in result["endpoints"]:
         print(f"{row['endpoint']} v{row['version']} {row['url']}: {row['passed']}/{row['probes']} passed, "
               f"p95 {row['p95_latency_s']} s, SLO {row['slo']} {row['reasons']}")
     if not result["endpoints"]:
         print("no live endpoints in the registry")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(monitor, print_health, "Run one monitoring pass over every live endpoint."))

@@ -6,20 +6,13 @@ to delete a model with a deployment) or while it is the champion. Same as `phitu
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from prefect import flow
 
-from phitune import registry
 from phitune.config import PipelineConfig
+from tasks.register import retire_version
 
 
-@task(name="retire-version")
-def retire_version(config: PipelineConfig, name: str, version: str) -> str:
-    return registry.retire(name, version, registry.configure(config.registry).client)
-
-
-@flow(name="retire")
+@flow(name="retire", log_prints=True)
 def retire(name: str, version: str, config: PipelineConfig = PipelineConfig()) -> str:
     """Delete registered model `name` version `version`; refused while served or champion."""
-    message = retire_version(config, name, str(version))
-    get_run_logger().info(message)
-    return message
+    return retire_version(config, name, str(version))

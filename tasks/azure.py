@@ -1,9 +1,14 @@
-"""Prefect tasks of the Azure backend, and the flow hook that cancels a flow run's Azure jobs.
+"""The Azure training backend (`training.backend: azure`), and the flow hook that cancels a flow run's Azure jobs.
 
-Thin wrappers over `phitune.azure`: they add what only orchestration knows, i.e. task logs, a
-progress artifact for the fine-tuning job, the endpoint key kept in a Prefect Secret block, and
-cancellation of the Azure job when the flow run is cancelled or crashes. Keys are never logged and
-never returned.
+What a user of Azure AI Foundry's fine-tuning wizard does, without the portal:
+
+    config checks -> pre-flight (cost drivers on the MLflow run) -> data assets -> serverless fine-tuning job
+
+`train_on_azure` returns the candidate reference (the Azure model URI); the pipeline then registers,
+evaluates (through an endpoint), gates and deploys it with the same tasks as a local candidate.
+Thin wrappers over `phitune.azure`: they add what only orchestration knows, i.e. task logs, artifacts,
+a progress artifact for the fine-tuning job, and cancellation of the Azure job when the flow run is
+cancelled or crashes.
 
 Use the hook on the pipeline flow:
     @flow(on_cancellation=[cancel_azure_job_on_cancel], on_crashed=[cancel_azure_job_on_cancel])
@@ -11,38 +16,50 @@ Use the hook on the pipeline flow:
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.blocks.system import Secret
 from prefect.runtime import flow_run as current_flow_run
 
 from phitune.azure.client import connect
 from phitune.azure.data_assets import DataAssetRef, upload_training_data
-from phitune.azure.endpoints import delete_model, delete_serverless_endpoint, deploy_serverless
 from phitune.azure.finetune import PROGRESS, AzureFinetuneResult, JobState, cancel_flow_run_jobs, run_finetune
-from phitune.azure.preflight import ContractReport, PreflightError, PreflightReport, run_preflight
+from phitune.azure.preflight import ContractReport, PreflightError, PreflightReport, check_azure_config, run_preflight
 from phitune.config import PipelineConfig
 from phitune.errors import PhituneError
+from phitune.registry.external import log_to_run
 
 
-def secret_block_name(endpoint_name: str) -> str:
-    """Name of the Prefect Secret block holding an endpoint's key (block names: lowercase, digits, dashes)."""
-    return "azure-endpoint-key-" + re.sub(r"[^a-z0-9-]+", "-", endpoint_name.lower()).strip("-")
+@dataclass
+class _PassedContract:
+    """validate_data's verdict in the shape the pre-flight reads: the data already passed, don't validate it twice."""
+
+    stats: dict[str, Any]
+    valid: bool = True
+    errors: list[Any] = field(default_factory=list)
 
 
 @task(name="azure-preflight")
-def azure_preflight(config: PipelineConfig, train_file: str, validation_file: str | None, contract: ContractReport | None = None) -> PreflightReport:
-    """Check everything before anything is uploaded or paid for; a table artifact lists each item."""
+def azure_preflight(config: PipelineConfig, run_id: str, train_file: str, validation_file: str | None,
+                    contract: ContractReport | None = None) -> PreflightReport:
+    """Check everything before anything is uploaded or paid for; a table artifact lists each item.
+
+    The cost drivers become run metrics, each check's outcome a param, the whole report an artifact.
+    """
     logger = get_run_logger()
     report = run_preflight(connect(config.azure), config, Path(train_file), Path(validation_file) if validation_file else None, contract, raise_on_failure=False)
     for line in report.render().splitlines():
         (logger.info if not line.startswith(("[FAIL", "[SKIPPED")) else logger.error)(line)
     create_table_artifact(key="azure-preflight", table=[asdict(c) for c in report.checks], description="Azure pre-flight checks")
+    params: dict[str, Any] = {f"azure_preflight.{c.name.replace(' ', '_')}": c.status for c in report.checks}
+    params["azure_workspace_location"] = report.workspace_location
+    metrics: dict[str, float] = {}
+    if report.cost:
+        metrics = report.cost.as_metrics()
+    log_to_run(config, run_id, params=params, metrics=metrics, json_artifacts={"azure/preflight.json": report.to_dict()})
     if not report.ok:
         raise PreflightError(report)
     return report
@@ -60,8 +77,10 @@ def azure_upload_data(config: PipelineConfig, train_file: str, validation_file: 
 
 
 @task(name="azure-finetune")
-def azure_finetune(config: PipelineConfig, train: DataAssetRef, validation: DataAssetRef | None) -> AzureFinetuneResult:
+def azure_finetune(config: PipelineConfig, run_id: str, train: DataAssetRef, validation: DataAssetRef | None) -> AzureFinetuneResult:
     """Submit the fine-tuning job and wait for it, with its status in the log and a progress artifact.
+
+    The job's params and metrics land on the pipeline's MLflow run, the job itself as an artifact.
 
     Not retried: a retry would submit (and bill) a second job.
     """
@@ -80,37 +99,20 @@ def azure_finetune(config: PipelineConfig, train: DataAssetRef, validation: Data
         flow_run_id=current_flow_run.get_id(), on_status=status, on_submitted=submitted,
     )
     logger.info("fine-tuned model %s:%s registered in Azure (%s)", result.model_name, result.model_version, result.model_uri)
+    log_to_run(config, run_id, params=result.params, metrics=result.metrics, json_artifacts={"azure/finetune-job.json": result.to_dict()})
     return result
 
 
-@task(name="azure-deploy")
-def azure_deploy(config: PipelineConfig, model_id: str, base_model_id: str | None = None) -> dict[str, Any]:
-    """Deploy to the configured serverless endpoint; the key goes to a Prefect Secret block, never to the result."""
-    logger = get_run_logger()
-    info = deploy_serverless(connect(config.azure), config.deployment.endpoint_name, model_id, base_model_id=base_model_id)
-    block = secret_block_name(info.name)
-    Secret(value=info.key).save(block, overwrite=True)
-    logger.info("serverless endpoint %s serves %s at %s; key in Secret block %r", info.name, model_id, info.base_url, block)
-    return {**info.public_dict(), "secret_block": block}
+def train_on_azure(config: PipelineConfig, data: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """The Azure backend of the training stage: the candidate is the Azure model URI of the fine-tune.
 
-
-@task(name="azure-delete-endpoint")
-def azure_delete_endpoint(config: PipelineConfig, endpoint_name: str) -> bool:
-    """Delete the serverless endpoint and its Secret block; False if the endpoint did not exist."""
-    deleted = delete_serverless_endpoint(connect(config.azure), endpoint_name)
-    try:
-        Secret.delete(secret_block_name(endpoint_name))
-    except ValueError:  # no such block
-        pass
-    get_run_logger().info("serverless endpoint %s %s", endpoint_name, "deleted" if deleted else "did not exist")
-    return deleted
-
-
-@task(name="azure-delete-model")
-def azure_delete_model(config: PipelineConfig, model_name: str, version: str) -> None:
-    """Delete a fine-tuned model version from the workspace (refused while an endpoint serves it)."""
-    delete_model(connect(config.azure), model_name, version)
-    get_run_logger().info("deleted Azure model %s:%s", model_name, version)
+    Raises before anything is uploaded or paid for when the config or the pre-flight says it cannot work.
+    """
+    check_azure_config(config)
+    azure_preflight(config, run_id, data["train_file"], data.get("validation_file"), _PassedContract(data.get("stats") or {}))
+    train, validation = azure_upload_data(config, data["train_file"], data.get("validation_file"))
+    job = azure_finetune(config, run_id, train, validation)
+    return {"location": "azure", "model_uri": job.model_uri, "base_model": job.base_model_id, "azure_job": job.to_dict()}
 
 
 def _config_of(flow_run: Any) -> PipelineConfig | None:

@@ -18,37 +18,17 @@ from prefect.events import emit_event
 
 from phitune import monitoring
 from phitune.config import PipelineConfig
-from phitune.serving.endpoints import Endpoint
+from tasks.deploy import endpoint_key
 
 BREACH_EVENT = "phitune.endpoint.slo-breached"
 RECOVERED_EVENT = "phitune.endpoint.slo-recovered"
-
-
-def _key_for(config: PipelineConfig) -> monitoring.KeyFor:
-    """Local and vLLM endpoints: the deployment's env var; Azure endpoints: their Prefect Secret block."""
-    from_env = monitoring.env_api_key(config)
-
-    def key_for(endpoint: Endpoint) -> str | None:
-        if endpoint.target != "azure":
-            return from_env(endpoint)
-        from prefect.blocks.system import Secret
-
-        from tasks.azure import secret_block_name
-
-        try:
-            return str(Secret.load(secret_block_name(endpoint.name)).get())
-        except (ValueError, RuntimeError):  # no such block: probes go without a key and record the 401
-            get_run_logger().warning("no Secret block %s for Azure endpoint %s", secret_block_name(endpoint.name), endpoint.name)
-            return None
-
-    return key_for
 
 
 @task(name="check-endpoints")
 def check_endpoints(config: PipelineConfig) -> list[dict[str, Any]]:
     """Probe, record to MLflow and judge every live endpoint; one dict per endpoint ({"row", "slo", "event"})."""
     results = []
-    for health in monitoring.check_endpoints(config, key_for=_key_for(config)):
+    for health in monitoring.check_endpoints(config, key_for=lambda endpoint: endpoint_key(config, endpoint)):
         results.append({"row": health.row(), "slo": asdict(health.slo), "event": monitoring.event_payload(health)})
     return results
 

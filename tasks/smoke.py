@@ -1,14 +1,12 @@
-"""The smoke test as a Prefect task: the deployment's probe set, once, against a live endpoint.
+"""The smoke test: the deployment's probe set, once, against a live endpoint, published as a table artifact.
 
 The probes' results become a table artifact whether they pass or not (a failed deployment is exactly
-when someone reads it); below the set's min_pass_rate the task fails with every failed probe and why.
+when someone reads it); below the set's min_pass_rate the check raises SmokeTestFailed with every
+failed probe and why.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from phitune.config import PipelineConfig
@@ -27,12 +25,9 @@ def publish(report: ProbeReport, key: str = "smoke-test") -> None:
                           description=f"smoke test: {report.passed}/{report.total} probes passed at {report.base_url}")
 
 
-def smoke_check(config: PipelineConfig) -> SmokeCheck:
-    """The configured probe set as the check of a blue/green deployment, publishing its table artifact."""
-    return probe_smoke_check(config, on_report=publish)
+def smoke_check(config: PipelineConfig, api_key: str | None = None) -> SmokeCheck:
+    """The configured probe set as a blue/green check, publishing its table artifact passed or failed.
 
-
-@task(name="smoke-test")
-def smoke_test(config: PipelineConfig, base_url: str, model: str | None = None) -> dict[str, Any]:
-    """Run the probe set once against `base_url`; returns the summary, raises SmokeTestFailed below min_pass_rate."""
-    return smoke_check(config)(base_url, model)
+    `api_key` defaults to the deployment's key (deployment.api_key_env); an Azure endpoint's comes from its Secret block.
+    """
+    return probe_smoke_check(config, on_report=publish, api_key=api_key)

@@ -1,6 +1,15 @@
-"""Prefect task: fine-tune the LoRA adapter locally, with live progress in MLflow and the Prefect UI.
+"""The training stage: one candidate from the configured backend (training.backend), as a reference.
 
-The task adds what only orchestration knows to `phitune.training.local.train`: per-step metrics on the
+    train_candidate(config, data, run_id, work_dir) -> candidate
+      local, in-process   train_adapter        LoRA here (phitune.training.local)
+      local, GPU pool     train_on_deployment  the `train` flow as a run of training.deployment (e.g. train/gpu)
+      azure               tasks.azure.train_on_azure   an Azure AI Foundry fine-tuning job
+
+A candidate is a small dict: {"location": "local", "adapter_dir", "base_model", "metrics"} or
+{"location": "azure", "model_uri", "base_model", "azure_job"}; the register stage turns either into a
+model version, and the evaluation stage reaches it as weights or through an endpoint.
+
+`train_adapter` adds what only orchestration knows to `phitune.training.local.train`: per-step metrics on the
 pipeline's MLflow run, a progress artifact, and a retry. The work folder is stable across retries of a
 flow run, so a retry after a crash (a killed worker, out of memory) resumes from the last checkpoint
 instead of starting over. A sanity gate or bad input fails the same way every time, so those are not
@@ -18,7 +27,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.schemas.objects import State, TaskRun
 
 from phitune.config import PipelineConfig
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, TrainingError
+
+ADAPTER_ARTIFACT = "adapter"
 
 FLUSH_SECONDS = 5.0
 """Per-step records are sent to MLflow and the progress artifact at most this often (and at the end):
@@ -105,4 +116,61 @@ def train_adapter(config: PipelineConfig, data: dict[str, Any], run_id: str, wor
         f", resumed from step {m['resumed_from_step']}" if m["resumed_from_step"] else "",
         m["base_eval_loss"], m["eval_loss"], result.adapter_dir,
     )
-    return {"adapter_dir": str(result.adapter_dir), "base_model": result.base_model, "metrics": m}
+    return {"location": "local", "adapter_dir": str(result.adapter_dir), "base_model": result.base_model, "metrics": m}
+
+
+@task(name="publish-adapter")
+def publish_adapter(config: PipelineConfig, run_id: str, trained: dict[str, Any]) -> dict[str, Any]:
+    """The adapter as an artifact of the pipeline's MLflow run, for a pipeline on another host than the GPU worker."""
+    from phitune.registry import client_for
+
+    client_for(config.registry.tracking_uri).log_artifacts(run_id, trained["adapter_dir"], ADAPTER_ARTIFACT)
+    return {**trained, "adapter_uri": f"runs:/{run_id}/{ADAPTER_ARTIFACT}"}
+
+
+@task(name="train-on-deployment")
+def train_on_deployment(config: PipelineConfig, data: dict[str, Any], run_id: str, work_dir: str) -> dict[str, Any]:
+    """Run the `train` flow as a run of `training.deployment` (the GPU work pool), wait for it, return its result.
+
+    The run is keyed by the MLflow run id: when the pipeline run is retried, the same training run is
+    found again (and retried from its checkpoint if it had failed or crashed) instead of starting a
+    second one. An adapter that is not on this machine's disk is downloaded from MLflow into work_dir.
+    """
+    import mlflow.artifacts
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.flow_runs import wait_for_flow_run
+    from prefect.states import Scheduled
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    logger = get_run_logger()
+    parameters = {"config": config.model_dump(mode="json"), "data": data, "run_id": run_id, "work_dir": work_dir}
+    flow_run = run_deployment(config.training.deployment, parameters=parameters, timeout=0, idempotency_key=f"phitune-train-{run_id}")
+    if flow_run.state is not None and flow_run.state.is_final() and not flow_run.state.is_completed():
+        logger.info("Training run %s ended %s before: retrying it from its checkpoint.", flow_run.name, flow_run.state.name)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, Scheduled(), force=True)
+    logger.info("Training runs as flow run %s of deployment %s.", flow_run.name, config.training.deployment)
+    flow_run = run_coro_as_sync(wait_for_flow_run(flow_run.id, timeout=None, log_states=True))  # on its state events, no polling
+    if not flow_run.state.is_completed():
+        raise TrainingError(
+            f"training run {flow_run.name} of deployment {config.training.deployment} ended "
+            f"{flow_run.state.name}: {flow_run.state.message or 'see its logs in the Prefect UI'}"
+        )
+    result: dict[str, Any] = flow_run.state.result()
+    if not Path(result["adapter_dir"]).exists():
+        local = Path(work_dir) / ADAPTER_ARTIFACT
+        mlflow.artifacts.download_artifacts(result["adapter_uri"], dst_path=str(local.parent), tracking_uri=config.registry.tracking_uri)
+        result["adapter_dir"] = str(local)
+    return result
+
+
+def train_candidate(config: PipelineConfig, data: dict[str, Any], run_id: str, work_dir: str) -> dict[str, Any]:
+    """The training stage on the configured backend; returns the candidate reference (see the module docstring)."""
+    if config.training.backend == "azure":
+        from tasks.azure import train_on_azure
+
+        return train_on_azure(config, data, run_id)
+    if config.training.deployment:
+        return train_on_deployment(config, data, run_id, work_dir)
+    return train_adapter(config, data, run_id, work_dir)

@@ -196,8 +196,6 @@ class FakeAzure:
         self.models: dict[tuple[str, str], dict[str, Any]] = {}
         self.serverless: dict[str, dict[str, Any]] = {}
         self.marketplace: dict[str, dict[str, Any]] = {}
-        self.online_endpoints: dict[str, dict[str, Any]] = {}
-        self.online_deployments: dict[tuple[str, str], dict[str, Any]] = {}
         self._operations: dict[str, list[Reply]] = {}
         self._injected: list[tuple[str, re.Pattern[str], Reply, list[int]]] = []  # [times left, skips left]
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
@@ -482,17 +480,6 @@ class FakeAzure:
             found = self.models.get((m["name"], m["version"]))
             return Reply(200, found) if found else _error(404, "UserError", f"Model container with name: {m['name']} not found.")
 
-        def model_delete(rec: Recorded, m: re.Match[str]) -> Reply:
-            key = (m["name"], m["version"])
-            if key not in self.models:
-                return Reply(204)
-            uri = self.models[key]["properties"]["modelUri"]
-            users = [n for n, e in self.serverless.items() if e["properties"]["modelSettings"]["modelId"] == uri]
-            if users:
-                return _error(409, "Conflict", f"Model {m['name']}:{m['version']} is used by deployment(s) {', '.join(users)}.")
-            del self.models[key]
-            return Reply(200)
-
         def model_put(rec: Recorded, m: re.Match[str]) -> Reply:
             body = rec.json()
             body.update({"id": f"{self.ws_path}/models/{m['name']}/versions/{m['version']}", "name": m["version"],
@@ -504,7 +491,6 @@ class FakeAzure:
         self._route("PUT", arm + ws + r"/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)", model_put)
         self._route("GET", arm + ws + r"/models/(?P<name>[^/]+)/versions", model_versions)
         self._route("GET", arm + ws + r"/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)", model_get)
-        self._route("DELETE", arm + ws + r"/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)", model_delete)
 
         # --- serverless endpoints and marketplace subscriptions
         def se_json(name: str) -> dict[str, Any]:
@@ -566,38 +552,6 @@ class FakeAzure:
 
         self._route("PUT", arm + ws + r"/marketplaceSubscriptions/(?P<name>[^/]+)", ms_put)
         self._route("GET", arm + ws + r"/marketplaceSubscriptions/(?P<name>[^/]+)", ms_get)
-
-        # --- managed online endpoints and deployments
-        def oe_put(rec: Recorded, m: re.Match[str]) -> Reply:
-            body = rec.json()
-            body.update({"id": f"{self.ws_path}/onlineEndpoints/{m['name']}", "name": m["name"], "location": self.location})
-            body["properties"].update({"provisioningState": "Succeeded", "scoringUri": f"https://{m['name']}.{self.location}.inference.ml.azure.com/score"})
-            self.online_endpoints[m["name"]] = body
-            return self._lro(Reply(200, {"status": "Succeeded"}), body=body)
-
-        def oe_get(rec: Recorded, m: re.Match[str]) -> Reply:
-            found = self.online_endpoints.get(m["name"])
-            return Reply(200, found) if found else _error(404, "NotFound", f"Online endpoint {m['name']} not found.")
-
-        def od_put(rec: Recorded, m: re.Match[str]) -> Reply:
-            body = rec.json()
-            body.update({"id": f"{self.ws_path}/onlineEndpoints/{m['ep']}/deployments/{m['name']}", "name": m["name"], "location": self.location})
-            body["properties"]["provisioningState"] = "Succeeded"
-            body["properties"].setdefault("scaleSettings", {"scaleType": "Default"})  # server-side defaults
-            body["properties"].setdefault("requestSettings", {"requestTimeout": "PT5S", "maxConcurrentRequestsPerInstance": 1})
-            self.online_deployments[(m["ep"], m["name"])] = body
-            return self._lro(Reply(200, {"status": "Succeeded"}), body=body)
-
-        def od_get(rec: Recorded, m: re.Match[str]) -> Reply:
-            found = self.online_deployments.get((m["ep"], m["name"]))
-            return Reply(200, found) if found else _error(404, "NotFound", f"Deployment {m['name']} not found.")
-
-        self._route("PUT", arm + ws + r"/onlineEndpoints/(?P<name>[^/]+)", oe_put)
-        self._route("GET", arm + ws + r"/onlineEndpoints/(?P<name>[^/]+)", oe_get)
-        self._route("PUT", arm + ws + r"/onlineEndpoints/(?P<ep>[^/]+)/deployments/(?P<name>[^/]+)", od_put)
-        self._route("GET", arm + ws + r"/onlineEndpoints/(?P<ep>[^/]+)/deployments/(?P<name>[^/]+)", od_get)
-        self._route("POST", arm + ws + r"/onlineEndpoints/(?P<name>[^/]+)/listKeys",
-                    lambda r, m: Reply(200, {"primaryKey": f"pk-{m['name']}-secret", "secondaryKey": f"sk-{m['name']}-secret"}))
 
     def output_model_name(self, job_name: str) -> str:
         """The name Azure registers the fine-tuned model under: the job's `registered_model` output name."""

@@ -117,7 +117,7 @@ def register_tiny_versions(root: Any, base_dir: Any, count: int, model_name: str
                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         adapter = root / f"adapter-{seed}"
         model.save_pretrained(adapter)
-        versions.append(str(log_model_version(cfg, run_id, adapter, {"macro_f1": 0.5}, data["digest"]).version))
+        versions.append(str(log_model_version(cfg, run_id, adapter, data["digest"]).version))
     return cfg, versions
 
 

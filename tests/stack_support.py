@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from phitune.stack import StackConfig, down, up
+from deployments.stack import StackConfig, down, up
+from phitune.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = "postgres@127.0.0.1:5432"
@@ -26,12 +26,6 @@ QUESTIONS = {
     "account": ["reset my password", "change the email on account {n}", "cannot log in to the app"],
     "hardware": ["the router is overheating", "power adapter {n} broke", "the extender makes noise"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_support_jsonl(path: Path, count: int, offset: int = 0) -> Path:

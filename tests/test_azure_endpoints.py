@@ -1,25 +1,21 @@
-"""Serverless and managed online endpoints, model deletion and error classification against the fake Azure."""
+"""Serverless endpoints (deploy, marketplace subscription, delete) against the fake Azure."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from azure_fake import FakeAzure, Reply, route_blob_uploads
+from azure_fake import FakeAzure
 
 from phitune.azure.client import AzureClients, connect
-from phitune.azure.endpoints import delete_model, delete_serverless_endpoint, deploy_managed_online, deploy_serverless, marketplace_model_id
-from phitune.azure.errors import AzureError, ModelInUseError, classify_azure_error
+from phitune.azure.endpoints import delete_serverless_endpoint, deploy_serverless, marketplace_model_id
+from phitune.azure.errors import AzureError
 from phitune.config import AzureConfig
 
 PHI3 = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/15"
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeAzure:
-    fake = FakeAzure()
-    route_blob_uploads(monkeypatch, fake)
-    return fake
+def fake() -> FakeAzure:
+    return FakeAzure()
 
 
 @pytest.fixture
@@ -73,74 +69,10 @@ def test_failed_deployment_surfaces_azures_message(fake: FakeAzure, az: AzureCli
     assert not fake.sent("POST", "listKeys")
 
 
-def test_delete_model_is_refused_while_deployed_then_allowed(fake: FakeAzure, az: AzureClients) -> None:
-    name = "phitune-phi-3-mini-4k-instruct-0123456789"
-    deploy_serverless(az, "phitune-ep", fine_tuned_model(fake, name))
-
-    with pytest.raises(ModelInUseError, match=f"model {name}:1 is still deployed at serverless endpoint\\(s\\) phitune-ep: delete the endpoint"):
-        delete_model(az, name, "1")
-    assert not fake.sent("DELETE")
+def test_delete_serverless_endpoint_is_idempotent(fake: FakeAzure, az: AzureClients) -> None:
+    deploy_serverless(az, "phitune-ep", fine_tuned_model(fake))
 
     assert delete_serverless_endpoint(az, "phitune-ep") is True
     (ep_delete,) = fake.sent("DELETE", "/serverlessEndpoints/phitune-ep$")
     assert ep_delete.api_version == "2024-01-01-preview"
-    assert delete_serverless_endpoint(az, "phitune-ep") is False  # idempotent
-
-    delete_model(az, name, "1")
-    (model_delete,) = fake.sent("DELETE", "/models/")
-    assert model_delete.path == f"{fake.ws_path}/models/{name}/versions/1" and model_delete.api_version == "2024-10-01"
-    assert model_delete.headers["Authorization"] == "Bearer fake-access-token"
-    assert (name, "1") not in fake.models
-
-
-def test_azure_refusing_a_delete_is_model_in_use(fake: FakeAzure, az: AzureClients) -> None:
-    fine_tuned_model(fake, "m1")
-    fake.inject("DELETE", "/models/m1/versions/1$", Reply(409, {"error": {"code": "Conflict", "message": "Model is in use by an endpoint in another project."}}))
-
-    with pytest.raises(ModelInUseError, match="Azure refused to delete model m1:1: HTTP 409 Conflict: Model is in use by an endpoint in another project"):
-        delete_model(az, "m1", "1")
-
-
-def test_managed_online_endpoint_for_a_local_mlflow_model(fake: FakeAzure, az: AzureClients, tmp_path: Path) -> None:
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "MLmodel").write_text("flavors:\n  transformers: {task: llm/v1/chat}\n")
-    (model_dir / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
-
-    info = deploy_managed_online(az, "phitune-online", model_dir, "phitune-local")
-
-    (model_put,) = fake.sent("PUT", "/models/phitune-local/versions/")
-    version = model_put.path.rsplit("/", 1)[1]
-    assert len(version) == 12 and model_put.json()["properties"]["modelType"] == "mlflow_model"
-    assert {r.path.rsplit("/", 1)[1] for r in fake.sent("PUT", r"\.blob\.core\.windows\.net/.*/model/")} == {"MLmodel", "adapter_model.safetensors"}
-    endpoint_puts = fake.sent("PUT", "/onlineEndpoints/phitune-online$")
-    assert endpoint_puts[0].json()["properties"]["authMode"] == "Key"
-    assert endpoint_puts[-1].json()["properties"]["traffic"] == {"blue": 100}
-    (dep,) = fake.sent("PUT", "/onlineEndpoints/phitune-online/deployments/blue$")
-    body = dep.json()
-    assert body["properties"]["model"] == f"{fake.ws_path}/models/phitune-local/versions/{version}"
-    assert body["properties"]["instanceType"] == "Standard_NC6s_v3" and body["sku"]["capacity"] == 1
-    assert body["properties"]["endpointComputeType"] == "Managed"
-    assert "environmentId" not in body["properties"]  # MLflow no-code deployment: Azure builds the image
-    assert info.kind == "managed_online" and info.scoring_uri.endswith("/score") and info.key == "pk-phitune-online-secret"
-
-    fake.requests.clear()
-    deploy_managed_online(az, "phitune-online", model_dir, "phitune-local")
-    assert not fake.sent("PUT", "/models/") and not fake.sent("PUT", r"\.blob\.")  # same weights: not uploaded again
-
-
-def test_classify_azure_error() -> None:
-    blocked = {
-        "error": {
-            "message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy.",
-            "type": None, "param": "prompt", "code": "content_filter", "status": 400,
-            "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {"violence": {"filtered": True, "severity": "high"}}},
-        }
-    }
-    assert classify_azure_error(400, blocked) == "content_filter"
-    assert classify_azure_error(400, b'{"error": {"code": "content_filter", "message": "blocked"}}') == "content_filter"
-    assert classify_azure_error(400, {"error": {"code": "invalid_request", "message": "max_tokens too large"}}) == "bad_request"
-    assert classify_azure_error(401, "not json") == "auth"
-    assert classify_azure_error(429, {"error": {"code": "429"}}) == "throttled"
-    assert classify_azure_error(503, None) == "server_error"
-    assert classify_azure_error(200, {}) == "ok"
+    assert delete_serverless_endpoint(az, "phitune-ep") is False

@@ -33,15 +33,16 @@ from prefect.client.orchestration import get_client
 from prefect.logging.handlers import APILogHandler
 from serving_support import running, write_probe_set
 
-from flows.azure import check_azure_config, endpoint_name_for
 from flows.pipeline import finetune
 from flows.report import print_summary
 from phitune.azure.client import override_connection
+from phitune.azure.endpoints import azure_endpoint_name as endpoint_name_for
+from phitune.azure.preflight import check_azure_config
 from phitune.config import PipelineConfig, load_config
 from phitune.endpoint_eval import evaluate_endpoint
 from phitune.errors import ConfigError, EndpointError
 from phitune.evaluation import load_examples
-from tasks.azure import secret_block_name
+from tasks.deploy import secret_block_name
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATION = ROOT / "data/support/validation.jsonl"
@@ -172,7 +173,7 @@ def test_the_sdk_sent_the_job_with_string_hyperparameters_on_digest_named_data_a
     assert len(data_puts) == 2 and all(p.json()["properties"]["tags"]["sha256"] for p in data_puts)
     assert _matching(world["first_requests"], "PUT", r"blob\.core\.windows\.net/")  # the files went up once ...
     assert not _matching(world["second_requests"], "PUT", r"blob\.core\.windows\.net/|/data/")  # ... and not again
-    assert first["azure_job"]["params"]["azure_learning_rate"] == "0.0002"
+    assert first["candidate"]["azure_job"]["params"]["azure_learning_rate"] == "0.0002"
     assert len({j["properties"]["tags"]["phitune_flow_run_id"] for j in fake.jobs.values()}) == 4  # one job per flow run that trained
 
 
@@ -181,7 +182,7 @@ def test_the_champion_is_registered_with_its_azure_source_lineage_and_cost_drive
     registered = first["registered"]
     assert registered["promoted"] and registered["aliases"] == ["challenger", "champion"] and registered["version"] == "1"
     mv = client.get_model_version(name, "1")
-    job = first["azure_job"]
+    job = first["candidate"]["azure_job"]
     assert mv.source == job["model_uri"] and mv.source.startswith("azureml://locations/eastus2/workspaces/")
     assert mv.run_id == first["mlflow_run_id"]
     assert mv.tags["phitune.location"] == "azure"
@@ -212,7 +213,7 @@ def test_the_champions_endpoint_is_deployed_smoke_tested_and_recorded(world: dic
     fake, first, client, name = world["fake"], world["first"], world["client"], world["cfg"].registry.model_name
     v1 = endpoint_name_for(ENDPOINT, "1")
     (create,) = _matching(world["first_requests"], "PUT", rf"/serverlessEndpoints/{v1}$")
-    assert create.json()["properties"]["modelSettings"]["modelId"] == first["azure_job"]["model_uri"]
+    assert create.json()["properties"]["modelSettings"]["modelId"] == first["candidate"]["azure_job"]["model_uri"]
     assert _matching(world["first_requests"], "POST", rf"/serverlessEndpoints/{v1}/listKeys$")
     endpoint = first["endpoint"]
     assert endpoint["endpoint"] == v1 and endpoint["base_url"] == f"{world['url']}/{v1}" and endpoint["version"] == "1"

@@ -10,7 +10,7 @@ import pytest
 from azure_fake import READER, FakeAzure, FakeCredential, Reply, write_chat_jsonl
 
 from phitune.azure.client import connect
-from phitune.azure.preflight import PreflightError, action_allowed, parse_regions, run_preflight
+from phitune.azure.preflight import PreflightError, action_allowed, check_azure_file, parse_regions, run_preflight
 from phitune.config import PipelineConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ class ContractResult:
 
     valid: bool = True
     errors: list[Any] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=lambda: {"tokens": 1200})
+    stats: dict[str, Any] = field(default_factory=lambda: {"files": {"train": {"valid_examples": 20, "tokens": 1200}}})
 
 
 @dataclass
@@ -156,23 +156,46 @@ def test_unregistered_network_provider_and_missing_permissions_are_all_listed(fa
     assert "Azure AI Developer" in message
 
 
-def test_bad_training_file_and_contract_errors_name_file_and_line(fake: FakeAzure, tmp_path: Path) -> None:
-    train = write_chat_jsonl(tmp_path / "train.jsonl", 3)
+def test_contract_errors_name_file_and_line(fake: FakeAzure, files: tuple[Path, Path]) -> None:
+    contract = ContractResult(valid=False, errors=[ContractIssue("train.jsonl", 4, "example_missing_assistant_message", "nothing to learn")])
+
+    with pytest.raises(PreflightError) as info:
+        preflight(fake, azure_config(fake), files, contract)
+
+    assert "data contract: 1 problem(s): train.jsonl line 4: example_missing_assistant_message nothing to learn" in str(info.value)
+
+
+def test_bad_lines_are_the_data_contracts_to_report(fake: FakeAzure, tmp_path: Path, tiny_phi3: Path) -> None:
+    """Pre-flight has no line checker of its own: a bad line fails the contract, named by its file and line."""
+    train = write_chat_jsonl(tmp_path / "train.jsonl", 12)
     with train.open("a", encoding="utf-8") as fh:
         fh.write('{"messages": [{"role": "user", "content": "only a question"}]}\n')
         fh.write("not json\n")
-    with train.open("ab") as fh:
-        fh.write(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
-    contract = ContractResult(valid=False, errors=[ContractIssue("train.jsonl", 4, "no_assistant_turn", "nothing to learn")])
+    cfg = azure_config(fake, f"model.base_model={tiny_phi3}")
+    az = connect(cfg.azure, credential=fake.credential, transport=fake.transport())
 
-    with pytest.raises(PreflightError) as info:
-        preflight(fake, azure_config(fake), (train, write_chat_jsonl(tmp_path / "v.jsonl", 2)), contract)
+    report = run_preflight(az, cfg, train, write_chat_jsonl(tmp_path / "v.jsonl", 2, start=100), raise_on_failure=False)
 
-    message = str(info.value)
-    assert "train.jsonl line 4: no assistant message to learn from" in message
-    assert "train.jsonl line 5: not valid JSON" in message
-    assert "train.jsonl line 6: not UTF-8" in message
-    assert "data contract: 1 problem(s): train.jsonl line 4: no_assistant_turn nothing to learn" in message
+    checks = {c.name: c for c in report.checks}
+    assert checks["training file"].status == "pass"  # Azure's own rules hold
+    contract = checks["data contract"]
+    assert contract.status == "fail"
+    assert f"{train} line 13: example_missing_assistant_message" in contract.detail
+    assert f"{train} line 14: invalid_json" in contract.detail
+    assert report.cost is not None and report.cost.train_examples == 12
+
+
+def test_azure_size_limit_is_in_mb_of_a_million_bytes(tmp_path: Path) -> None:
+    big = tmp_path / "big.jsonl"
+    with big.open("wb") as fh:  # sparse: 512 MB + 1 byte on disk costs nothing
+        fh.truncate(512 * 10**6 + 1)
+
+    check = check_azure_file(big, "training file")
+
+    assert check.status == "fail" and "512.0 MB is over Azure's 512 MB limit" in check.detail
+    with big.open("r+b") as fh:
+        fh.truncate(512 * 10**6)
+    assert check_azure_file(big, "training file").status == "pass"
 
 
 def test_wrong_extension_is_refused(fake: FakeAzure, tmp_path: Path) -> None:
@@ -191,7 +214,7 @@ def test_real_data_contract_is_used_when_no_report_is_given(fake: FakeAzure, tin
     report = run_preflight(az, cfg, train, validation)
 
     assert next(c for c in report.checks if c.name == "data contract").status == "pass", report.render()
-    assert report.cost is not None and not report.cost.tokens_approximate
+    assert report.cost is not None
     assert report.cost.train_examples == sum(1 for line in train.read_text(encoding="utf-8").splitlines() if line.strip())
     assert report.cost.train_tokens > 10 * report.cost.train_examples  # training file only, counted by the tokenizer
 
@@ -204,7 +227,7 @@ def test_contract_that_cannot_run_is_a_failed_item(fake: FakeAzure, files: tuple
 
     contract = next(c for c in report.checks if c.name == "data contract")
     assert contract.status == "fail" and contract.detail.startswith("could not run the data contract: ")
-    assert report.cost is not None and report.cost.tokens_approximate
+    assert report.cost is None  # nothing counted the tokens
 
 
 def test_rbac_wildcards_and_region_tag_formats() -> None:

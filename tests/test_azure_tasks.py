@@ -1,6 +1,6 @@
-"""The Prefect side of the Azure backend, on a real (temporary) Prefect server and the fake Azure:
-progress artifact and status log, the endpoint key in a Secret block, and the hook that cancels the
-Azure job of a crashed or cancelled flow run.
+"""The Prefect side of the Azure backend, on a real (temporary) Prefect server, a real MLflow store and the
+fake Azure: the training stage's progress artifact and status log, the endpoint key in a Secret block,
+and the hook that cancels the Azure job of a crashed or cancelled flow run.
 """
 
 from __future__ import annotations
@@ -18,19 +18,14 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogHandler
 from prefect.states import Cancelled
 
+from phitune import registry
 from phitune.azure.client import override_connection
-from phitune.azure.finetune import FLOW_RUN_TAG, AzureFinetuneResult
+from phitune.azure.finetune import FLOW_RUN_TAG
 from phitune.config import PipelineConfig, load_config
-
-from tasks.azure import (
-    azure_delete_endpoint,
-    azure_deploy,
-    azure_finetune,
-    azure_preflight,
-    azure_upload_data,
-    cancel_azure_job_on_cancel,
-    secret_block_name,
-)
+from tasks.azure import cancel_azure_job_on_cancel
+from tasks.deploy import deploy_challenger, remove_endpoint, secret_block_name
+from tasks.train import train_candidate
+from tasks.validate import validate_data
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -44,14 +39,22 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAzure]:
 
 
 @pytest.fixture
-def cfg(fake: FakeAzure) -> PipelineConfig:
+def cfg(fake: FakeAzure, tmp_path: Path, tiny_phi3: Path) -> PipelineConfig:
     return load_config(
         Path(__file__).resolve().parents[1] / "configs/phi3-mini-azure.yaml",
         [
             f"azure.subscription_id={fake.subscription_id}", f"azure.resource_group={fake.resource_group}",
             f"azure.workspace={fake.workspace}", "azure.poll_interval_s=0.01", "azure.poll_max_interval_s=0.02",
+            f"registry.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"registry.artifact_location={tmp_path}/artifacts",
+            f"model.base_model={tiny_phi3}", "data.validation_file=", f"data.docs_dir={tmp_path}/docs",
         ],
     )
+
+
+@pytest.fixture
+def run_id(cfg: PipelineConfig) -> str:
+    store = registry.configure(cfg.registry)
+    return store.client.create_run(store.experiment_id).info.run_id
 
 
 @pytest.fixture
@@ -63,15 +66,12 @@ class WorkerLost(BaseException):
     """What Prefect turns into a Crashed flow run (not TerminationSignal: Prefect re-sends that SIGTERM to the test process)."""
 
 
-class Contract:
-    valid, errors, stats = True, [], {"tokens": 900}
-
-
 @flow(on_crashed=[cancel_azure_job_on_cancel], on_cancellation=[cancel_azure_job_on_cancel])
-def azure_train(config: PipelineConfig, train_file: str) -> AzureFinetuneResult:
-    azure_preflight(config, train_file, None, Contract())
-    train, validation = azure_upload_data(config, train_file, None)
-    return azure_finetune(config, train, validation)
+def azure_train(config: PipelineConfig, train_file: str, run_id: str) -> dict:
+    """The pipeline's first two stages on the Azure backend, with the pipeline flow's hooks."""
+    config = config.model_copy(update={"data": config.data.model_copy(update={"train_file": train_file})})
+    work_dir = str(Path(train_file).parent / "work")
+    return train_candidate(config, validate_data(config, work_dir), run_id, work_dir)
 
 
 def flow_run_logs(flow_run_id: object) -> str:
@@ -81,11 +81,14 @@ def flow_run_logs(flow_run_id: object) -> str:
     return "\n".join(log.message for log in logs)
 
 
-def test_finetune_task_reports_progress_and_tags_the_job_with_the_flow_run(fake: FakeAzure, cfg: PipelineConfig, train_file: str) -> None:
-    state = azure_train(cfg, train_file, return_state=True)
+def test_finetune_task_reports_progress_and_tags_the_job_with_the_flow_run(
+    fake: FakeAzure, cfg: PipelineConfig, train_file: str, run_id: str
+) -> None:
+    state = azure_train(cfg, train_file, run_id, return_state=True)
 
-    result = state.result()
-    assert isinstance(result, AzureFinetuneResult) and result.state == "succeeded"
+    candidate = state.result()
+    job_result = candidate["azure_job"]
+    assert candidate["location"] == "azure" and job_result["state"] == "succeeded" and candidate["model_uri"] == job_result["model_uri"]
     (job,) = fake.jobs.values()
     assert job["properties"]["tags"][FLOW_RUN_TAG] == str(state.state_details.flow_run_id)
     progress = Artifact.get("azure-finetune-progress")
@@ -93,26 +96,26 @@ def test_finetune_task_reports_progress_and_tags_the_job_with_the_flow_run(fake:
     assert Artifact.get("azure-preflight") is not None
     logs = flow_run_logs(state.state_details.flow_run_id)
     assert "[PASS   ] region: eastus2 supports serverless fine-tuning" in logs
-    assert f"submitted Azure fine-tuning job {result.job_name}" in logs
+    assert f"submitted Azure fine-tuning job {job_result['job_name']}" in logs
     assert "Azure job status Running (running)" in logs and "Azure job status Completed (succeeded)" in logs
 
 
-def test_failing_preflight_stops_the_flow_before_any_upload(fake: FakeAzure, cfg: PipelineConfig, train_file: str) -> None:
+def test_failing_preflight_stops_the_flow_before_any_upload(fake: FakeAzure, cfg: PipelineConfig, train_file: str, run_id: str) -> None:
     fake.location = "westeurope"
 
-    state = azure_train(cfg, train_file, return_state=True)
+    state = azure_train(cfg, train_file, run_id, return_state=True)
 
     assert state.is_failed() and "region westeurope does not support" in str(state.message)
     assert not fake.sent("PUT")
 
 
-def test_crashed_flow_run_cancels_its_azure_job(fake: FakeAzure, cfg: PipelineConfig, train_file: str) -> None:
+def test_crashed_flow_run_cancels_its_azure_job(fake: FakeAzure, cfg: PipelineConfig, train_file: str, run_id: str) -> None:
     fake.job_script = ["Queued", "Running"]
     # The flow run's process dies while the task polls the job (at the third status read).
     fake.inject("GET", r"/jobs/[^/]+$", Reply(raises=WorkerLost()), after=4)
 
     with pytest.raises(WorkerLost):
-        azure_train(cfg, train_file)
+        azure_train(cfg, train_file, run_id)
 
     (name,) = fake.jobs
     (cancel,) = fake.sent("POST", r"/jobs/[^/]+/cancel$")
@@ -124,11 +127,11 @@ def test_crashed_flow_run_cancels_its_azure_job(fake: FakeAzure, cfg: PipelineCo
     assert f"cancelled Azure job(s) {name}" in flow_run_logs(flow_run_id)
 
 
-def test_cancel_hook_reads_the_config_parameter_and_cancels_only_that_runs_job(fake: FakeAzure, cfg: PipelineConfig, train_file: str) -> None:
+def test_cancel_hook_reads_the_config_parameter_and_cancels_only_that_runs_job(fake: FakeAzure, cfg: PipelineConfig, train_file: str, run_id: str) -> None:
     fake.job_script = ["Running"]
     cfg.azure.job_timeout_h = 1e-6  # the flow gives up waiting; the job keeps running in Azure
-    first = azure_train(cfg, train_file, return_state=True)
-    second = azure_train(cfg, train_file, return_state=True)
+    first = azure_train(cfg, train_file, run_id, return_state=True)
+    second = azure_train(cfg, train_file, run_id, return_state=True)
     assert first.is_failed() and second.is_failed() and len(fake.jobs) == 2
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(first.state_details.flow_run_id)
@@ -140,24 +143,27 @@ def test_cancel_hook_reads_the_config_parameter_and_cancels_only_that_runs_job(f
     assert cancel.path.endswith(f"/jobs/{mine}/cancel")
 
 
-def test_deploy_keeps_the_key_in_a_secret_block_only(fake: FakeAzure, cfg: PipelineConfig) -> None:
+def test_deploy_keeps_the_key_in_a_secret_block_only(fake: FakeAzure, cfg: PipelineConfig, run_id: str) -> None:
     model_id = fake.add_model("phitune-ft", "1")["properties"]["modelUri"]
+    mv = registry.register_external_version(cfg, run_id, model_id, data_digest="d" * 64, location="azure", base_model=cfg.azure.model_id)
+    name = "phitune-phi3-mini-ft-v1"
 
     @flow
-    def deploy_then_retire() -> dict:
-        deployed = azure_deploy(config=cfg, model_id=model_id, base_model_id=cfg.azure.model_id)
-        assert Secret.load(deployed["secret_block"]).get() == "pk-phitune-phi3-mini-ft-secret"
-        azure_delete_endpoint(cfg, cfg.deployment.endpoint_name)
+    def deploy_then_remove() -> dict:
+        deployed = deploy_challenger(cfg, {"name": mv.name, "version": str(mv.version)})
+        assert Secret.load(secret_block_name(deployed["endpoint"])).get() == f"pk-{name}-secret"
+        remove_endpoint(cfg, deployed)
         return deployed
 
-    state = deploy_then_retire(return_state=True)
+    state = deploy_then_remove(return_state=True)
 
     deployed = state.result()
-    assert deployed["secret_block"] == secret_block_name("phitune-phi3-mini-ft") == "azure-endpoint-key-phitune-phi3-mini-ft"
-    assert deployed["base_url"] == "https://phitune-phi3-mini-ft.eastus2.models.ai.azure.com"
+    assert deployed["endpoint"] == name and secret_block_name(name) == f"azure-endpoint-key-{name}"
+    assert deployed["base_url"] == f"https://{name}.eastus2.models.ai.azure.com"
     assert "pk-" not in str(deployed)  # the key itself is nowhere in the result
     logs = flow_run_logs(state.state_details.flow_run_id)
-    assert "key in Secret block 'azure-endpoint-key-phitune-phi3-mini-ft'" in logs and "pk-" not in logs
+    assert f"key in Secret block 'azure-endpoint-key-{name}'" in logs and "pk-" not in logs
     with pytest.raises(ValueError):
-        Secret.load(deployed["secret_block"])  # removed with the endpoint
-    assert fake.sent("DELETE", "/serverlessEndpoints/phitune-phi3-mini-ft$")
+        Secret.load(secret_block_name(name))  # removed with the endpoint
+    assert fake.sent("DELETE", f"/serverlessEndpoints/{name}$")
+    assert not [k for k in registry.configure(cfg.registry).client.get_model_version(mv.name, mv.version).tags if k.startswith("endpoint.")]

@@ -17,8 +17,9 @@ from phitune.cli import main
 from phitune.config import PipelineConfig
 from phitune.data import ERROR_CODES, DataFileError, split_train_validation, validate_files
 from phitune.data.contract import line_cap
-from phitune.data.reader import FileRead, file_sha256, iter_lines
+from phitune.data.reader import FileRead, iter_lines
 from phitune.data.tokens import TokenCounter
+from phitune.digest import file_sha256
 
 
 def example(i: int, turns: int = 1, system: bool = True) -> dict:

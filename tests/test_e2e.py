@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from phitune.probes import chat_url
+from phitune.chat_client import chat_url
 from phitune.registry import client_for
 
 ROOT = Path(__file__).resolve().parents[1]

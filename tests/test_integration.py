@@ -8,6 +8,7 @@ The tests of one stack share it (module scope) and run in file order; the last o
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -21,8 +22,8 @@ import httpx
 import psutil
 import pytest
 
+from deployments.stack import check_port_free, down, read_state, stack_env, start_workers
 from phitune.registry import client_for
-from phitune.stack import check_port_free, down, read_state, stack_env, start_worker
 from stack_support import PG, create_run, pg_database, prefect, running_stack, stack_config, wait_final, write_support_jsonl
 
 pytestmark = pytest.mark.integration
@@ -71,17 +72,26 @@ def postgres_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
 # ------------------------------------------------------------------------------------------ SQLite
 
 
-async def _deployments(client, _):
+async def _runs_in_state(client, deployment, state: str, timeout: float) -> list[Any]:
+    """The deployment's runs in `state` (SCHEDULED, COMPLETED...), as soon as there are any; [] at the deadline."""
     from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter
 
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}),
+            flow_run_filter=FlowRunFilter(state={"type": {"any_": [state]}}),
+        )
+        if runs or time.monotonic() > deadline:
+            return runs
+        await asyncio.sleep(0.5)
+
+
+async def _deployments(client, _):
     found = {}
     for name in ("finetune/on-demand", "finetune/nightly", "monitor/every-5-minutes", "retire/on-demand", "train/gpu", "rollback/on-breach"):
         dep = await client.read_deployment_by_name(name)
-        scheduled = await client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id={"any_": [dep.id]}),
-            flow_run_filter=FlowRunFilter(state={"type": {"any_": ["SCHEDULED"]}}),
-        )
-        found[name] = (dep, len(scheduled))
+        found[name] = (dep, len(await _runs_in_state(client, dep, "SCHEDULED", 60)) if dep.schedules else 0)
     pools = {p.name: p.type for p in await client.read_work_pools()}
     gpu_limit = await client.read_global_concurrency_limit_by_name("gpu-training")
     automations = await client.read_automations_by_name("phitune-slo-breach")
@@ -96,7 +106,7 @@ def test_up_brings_the_uis_deployments_schedules_pools_and_automation(sqlite_sta
     assert pools == {"cpu": "process", "gpu": "process"} and gpu_slots == cfg.gpus
     assert found["finetune/nightly"][0].schedules[0].schedule.cron == "0 2 * * *"
     assert found["monitor/every-5-minutes"][0].schedules[0].schedule.interval.total_seconds() == 300
-    # The scheduler has already put upcoming runs of both scheduled deployments on the calendar.
+    # The scheduler puts upcoming runs of both scheduled deployments on the calendar.
     assert found["finetune/nightly"][1] >= 1 and found["monitor/every-5-minutes"][1] >= 1
     assert not found["finetune/on-demand"][0].schedules
     assert found["train/gpu"][0].work_pool_name == "gpu"
@@ -188,20 +198,10 @@ deployments:
 
 
 async def _completed_scheduled_runs(client, _):
-    from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter
-
     dep = await client.read_deployment_by_name("tick/every-5-seconds")
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        runs = await client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id={"any_": [dep.id]}),
-            flow_run_filter=FlowRunFilter(state={"type": {"any_": ["COMPLETED"]}}),
-        )
-        if runs:
-            await client.pause_deployment(dep.id)  # leave the worker to the other tests
-            return runs
-        time.sleep(1)
-    return []
+    runs = await _runs_in_state(client, dep, "COMPLETED", 180)
+    await client.pause_deployment(dep.id)  # leave the worker to the other tests
+    return runs
 
 
 def test_a_scheduled_deployment_produces_runs_a_worker_picks_up(sqlite_stack: dict[str, Any]) -> None:
@@ -273,7 +273,7 @@ def test_a_worker_killed_mid_training_then_a_retry_finishes_reusing_stages_and_c
     for proc in family:  # the machine running the worker dies: worker and flow-run process, no goodbye
         proc.kill()
     psutil.wait_procs(family, timeout=10)
-    start_worker(cfg, "cpu-2")
+    start_workers(cfg, read_state(cfg), ["cpu-2"])
 
     before, run, result, tasks = prefect(sqlite_stack["api"], _retry_and_wait, run.id)
     assert before.state.name == "Running", "nobody reported the crash: the run looked alive"

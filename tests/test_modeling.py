@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from phitune import default_model as dm
 from phitune.config import ModelConfig
 from phitune.errors import ModelNotFoundError
-from phitune.modeling import chat_template_hash, load_base_model, load_tokenizer, resolve_base_model
+from phitune.modeling import chat_template_hash, eos_token_ids, load_base_model, load_tokenizer, resolve_base_model
 
 
 def test_default_resolves_to_the_provisioned_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,6 +54,22 @@ def test_load_tiny_phi3_from_config(tiny_phi3: Path) -> None:
     assert not model.training
     ids = tok("Hello", return_tensors="pt")
     assert model(**ids).logits.shape[-1] == model.config.vocab_size
+
+
+def test_eos_ids_are_every_end_of_turn_token(tiny_phi3: Path, tiny_chatml: Path) -> None:
+    phi3_tok, chatml_tok = load_tokenizer(str(tiny_phi3)), load_tokenizer(str(tiny_chatml))
+    phi3, chatml = load_base_model(str(tiny_phi3)), load_base_model(str(tiny_chatml))
+    ids = phi3_tok.convert_tokens_to_ids
+
+    # Phi-3's generation config lists both; the tokenizer's eos (<|endoftext|>) is among them.
+    assert phi3.generation_config.eos_token_id == [ids("<|endoftext|>"), ids("<|end|>")]
+    assert eos_token_ids(phi3, phi3_tok) == [ids("<|endoftext|>"), ids("<|end|>")]
+    # SmolLM2's shape: one id, pad == eos == <|im_end|>.
+    assert eos_token_ids(chatml, chatml_tok) == [chatml_tok.convert_tokens_to_ids("<|im_end|>")]
+    # A generation config that disagrees with the tokenizer: the tokenizer's eos still ends a turn.
+    phi3.generation_config.eos_token_id = ids("<|end|>")
+    phi3.config.eos_token_id = ids("<|end|>")
+    assert eos_token_ids(phi3, phi3_tok) == [ids("<|end|>"), ids("<|endoftext|>")]
 
 
 def test_missing_pad_token_falls_back_to_eos(tiny_chatml: Path, tmp_path: Path) -> None:

@@ -239,7 +239,7 @@ def test_killed_endpoint_is_rolled_back_and_redeployed(tmp_path: Path, tiny_chat
         assert str(client.get_model_version_by_alias("tiny", "champion").version) == v1
         assert httpx.get(f"{result['base_url']}/health").json()["version"] == v1
         again = rollback(cfg, endpoint="e2e", model_name="tiny", breached_version=v2)  # a duplicate event
-        assert again == {"endpoint": "e2e", "version": v1, "rolled_back": False}
+        assert again == {"endpoint": "e2e", "version": v1, "rolled_back": False, "redeploy": False}
     finally:
         for endpoint in endpoints.list_endpoints(client):
             endpoints.stop(cfg, endpoint.name)

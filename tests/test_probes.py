@@ -1,4 +1,5 @@
-"""Probe sets: the YAML schema, the checks, and error classes against real HTTP endpoints on 127.0.0.1."""
+"""Probe sets (the YAML schema, the checks) and the chat client's error classes and retries, against real
+HTTP endpoints on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import json
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from serving_support import dead_url, hanging_endpoint, running, wait_until
 
+from phitune.chat_client import ERROR_CLASSES, ChatError, complete
 from phitune.probes import (
-    ERROR_CLASSES,
     ProbeSet,
     ProbeSetError,
     SmokeTestFailed,
@@ -52,10 +54,15 @@ def fake_endpoint() -> FastAPI:
         if mode == "filter":
             return JSONResponse({"error": {"message": "The response was filtered", "type": None, "param": "prompt",
                                            "code": "content_filter", "status": 400}}, status_code=400)
+        if mode == "filter-inner":  # Azure AI Content Safety's own code, inside the error
+            return JSONResponse({"error": {"message": "blocked", "code": "BadRequest",
+                                           "innererror": {"code": "ResponsibleAIPolicyViolation"}}}, status_code=400)
         if mode == "filtered-finish":
             return completion("", finish="content_filter")
         if mode == "e401":
             return JSONResponse({"error": {"message": "bad key", "code": "invalid_api_key"}}, status_code=401)
+        if mode == "e429":
+            return JSONResponse({"error": {"message": "rate limit"}}, status_code=429, headers={"Retry-After": "7"})
         if mode == "e503":
             return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
         if mode == "garbage":
@@ -157,8 +164,10 @@ def test_default_latency_check_applies_to_every_probe() -> None:
         ("refuse", {"must_refuse": True}, None, True),
         ("filter", {"must_refuse": True}, "content_filter", True),  # the platform refused: that is a refusal
         ("filter", {"expected_label": "billing"}, "content_filter", False),
+        ("filter-inner", {"must_refuse": True}, "content_filter", True),
         ("filtered-finish", {}, "content_filter", False),
         ("e401", {}, "http_4xx", False),
+        ("e429", {}, "throttled", False),  # a probe is never retried: it reports what it met
         ("e503", {}, "http_5xx", False),
         ("garbage", {}, "bad_payload", False),
         ("nochoices", {}, "bad_payload", False),
@@ -200,8 +209,42 @@ def test_dead_and_hanging_endpoints_do_not_hold_up_the_others(fake: str) -> None
     assert [r.error for r in hung.results] == ["timeout"] * 3 and hung.latencies == [1.0] * 3
     assert ok.pass_rate == 1.0
     assert elapsed < 3 * 1.0 + 2  # concurrent: the hanging endpoint's 3 timeouts bound the whole run
-    assert dead.error_counts == {"timeout": 0, "connection": 3, "http_4xx": 0, "http_5xx": 0, "content_filter": 0, "bad_payload": 0}
+    assert dead.error_counts == {"timeout": 0, "connection": 3, "http_4xx": 0, "http_5xx": 0, "content_filter": 0, "bad_payload": 0,
+                                 "throttled": 0}
     assert hung.summary()["p95_latency_s"] == pytest.approx(1.0)
+
+
+def test_client_retries_what_may_pass_honouring_retry_after() -> None:
+    calls: list[str] = []
+    app = FastAPI()
+
+    @app.post("/{mode}/v1/chat/completions")
+    async def chat(mode: str) -> object:
+        calls.append(mode)
+        if mode == "throttled-once" and calls.count(mode) == 1:
+            return JSONResponse({"error": {"message": "slow down"}}, status_code=429, headers={"Retry-After": "0"})
+        if mode == "e503":
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=503, headers={"Retry-After": "0"})
+        if mode == "e400":
+            return JSONResponse({"error": {"message": "max_tokens too large"}}, status_code=400)
+        return {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}
+
+    async def ask(url: str, mode: str) -> str:
+        async with httpx.AsyncClient() as http:
+            body = {"messages": [{"role": "user", "content": "hi"}]}
+            return await complete(http, f"{url}/{mode}", body, api_key="s3cret", timeout_s=5, retries=2)
+
+    with running(app) as url:
+        start = time.perf_counter()
+        assert asyncio.run(ask(url, "throttled-once")) == "ok"
+        with pytest.raises(ChatError) as failed:
+            asyncio.run(ask(url, "e503"))
+        assert time.perf_counter() - start < 1.0  # Retry-After: 0 was honoured (the own backoff waits 1 s, then 2 s)
+        assert failed.value.kind == "http_5xx" and str(failed.value) == "HTTP 503: overloaded (after 3 attempts)"
+        with pytest.raises(ChatError) as failed:
+            asyncio.run(ask(url, "e400"))
+        assert failed.value.kind == "http_4xx" and "s3cret" not in str(failed.value)
+    assert calls == ["throttled-once"] * 2 + ["e503"] * 3 + ["e400"]  # a client error is not retried
 
 
 def test_a_slow_answer_times_out_with_the_probe_deadline(fake: str) -> None:

@@ -36,7 +36,6 @@ from phitune.registry import tags as T
 from phitune.registry.runs import git_commit
 from phitune.registry.store import resolve_artifact_location
 
-METRICS = {"macro_f1": 0.75, "perplexity": 12.5}
 
 
 def write_chats(path: Path, n: int) -> Path:
@@ -90,7 +89,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory, tiny_chatml: Path) -> I
     }
     run_id = open_run(cfg, data)
     adapter = make_adapter(tiny_chatml, root / "adapter", seed=3)
-    mv = log_model_version(cfg, run_id, adapter, METRICS, data["digest"])
+    mv = log_model_version(cfg, run_id, adapter, data["digest"])
     yield Registered(cfg, data, run_id, str(mv.version), adapter, root)
     patch.undo()
 
@@ -176,7 +175,6 @@ def test_registered_version_reloads_with_the_in_memory_models_outputs(registered
     assert mv.tags[T.DATA_DIGEST_TAG] == registered.data["digest"]
     assert mv.tags[T.CONFIG_DIGEST_TAG] == config_digest(registered.cfg, registered.data["digest"])
     assert mv.tags[T.BASE_MODEL_TAG] == str(tiny_chatml)
-    assert float(mv.tags[T.METRIC_TAG_PREFIX + "macro_f1"]) == 0.75
 
     in_memory = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_chatml), str(registered.adapter)).eval()
     reloaded = mlflow.transformers.load_model(f"models:/tiny/{registered.version}", return_type="components")["model"].eval()
@@ -212,12 +210,23 @@ def test_fetch_adapter_by_alias_and_version(registered: Registered) -> None:
         fetch_adapter("runs:/abc/model", store.tracking_uri)
 
 
+def test_serving_pins_an_alias_to_its_version_with_the_registry_parser(registered: Registered) -> None:
+    from phitune.serving.generator import load_model
+
+    store = configure(registered.cfg.registry)
+    store.client.set_registered_model_alias("tiny", "challenger", registered.version)
+    loaded = load_model("models:/tiny@challenger", store.tracking_uri)
+    assert (loaded.name, loaded.version) == ("tiny", registered.version)
+    with pytest.raises(ModelNotFoundError, match="has no alias 'nope'"):
+        load_model("models:/tiny@nope", store.tracking_uri)
+
+
 def test_retire_is_refused_while_served_and_deletes_version_and_artifacts_after(
     registered: Registered, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = registered.cfg
     client = configure(cfg.registry).client
-    version = str(log_model_version(cfg, registered.run_id, registered.adapter, METRICS, registered.data["digest"]).version)
+    version = str(log_model_version(cfg, registered.run_id, registered.adapter, registered.data["digest"]).version)
     artifacts = Path(client.get_model_version_download_uri("tiny", version).removeprefix("file://"))
     assert (artifacts / "peft" / "adapter_config.json").is_file()
     client.set_model_version_tag("tiny", version, endpoint_tag("blue"), "http://127.0.0.1:8011")

@@ -1,8 +1,9 @@
-"""phitune.stack without servers: config, ports, environment, and stopping exactly what was started."""
+"""deployments.stack without servers: config, ports, environment, and stopping exactly what was started."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import socket
 import subprocess
@@ -10,12 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import prefect
 import psutil
 import pytest
 import yaml
 
-from phitune.errors import ConfigError
-from phitune.stack import (
+from deployments.stack import (
     StackConfig,
     StackError,
     _spawn,
@@ -27,11 +28,12 @@ from phitune.stack import (
     load_stack_config,
     read_state,
     stack_env,
-    start_worker,
     status,
     up,
 )
-from stack_support import ROOT, free_port
+from phitune.errors import ConfigError
+from phitune.processes import free_port
+from stack_support import ROOT
 
 
 def test_committed_stack_config_loads_and_overrides_name_fields() -> None:
@@ -41,6 +43,18 @@ def test_committed_stack_config_loads_and_overrides_name_fields() -> None:
         load_stack_config(ROOT / "configs" / "stack.yaml", ["prefect.prot=1"])
     with pytest.raises(ConfigError, match=r"mlflow\.port: Input should be less than or equal to 65535"):
         load_stack_config(None, ["mlflow.port=70000"])
+
+
+def test_a_bad_stack_file_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+        load_stack_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prefect: [")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_stack_config(bad)
+    bad.write_text("- prefect\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: the top level must be a mapping \(keys: host, state_dir, "):
+        load_stack_config(bad)
 
 
 def test_environment_points_every_process_at_the_stack(tmp_path: Path) -> None:
@@ -152,14 +166,20 @@ def test_prefect_yaml_declares_the_deployments_and_pools() -> None:
     assert deployments[("train", "gpu")]["work_pool"]["name"] == "gpu"
     assert all(d["enforce_parameter_schema"] for d in deployments.values())
     assert {d["work_pool"]["name"] for k, d in deployments.items() if k[0] != "train"} == {"cpu"}
-    for key, dep in deployments.items():
-        assert (ROOT / dep["entrypoint"].split(":")[0]).parent.is_dir(), key
 
 
-def test_status_and_worker_commands_without_a_stack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_deployment_entrypoint_is_a_prefect_flow() -> None:
+    """What a worker loads: `path/to/file.py:function` must name a @flow in that file."""
+    for dep in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]:
+        path, function = dep["entrypoint"].split(":")
+        assert (ROOT / path).is_file(), dep["entrypoint"]
+        module = importlib.import_module(".".join(Path(path).with_suffix("").parts))
+        assert Path(module.__file__) == ROOT / path, dep["entrypoint"]
+        assert isinstance(getattr(module, function, None), prefect.Flow), f"{dep['entrypoint']}: not a Prefect flow"
+
+
+def test_status_without_a_stack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stack_file = tmp_path / "stack.yaml"
     stack_file.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state")}))
     assert cli_stack(argparse.Namespace(action="status", config=str(stack_file), overrides=[])) == 3
     assert '"running": false' in capsys.readouterr().out
-    with pytest.raises(StackError, match="no stack running .*phitune stack up"):
-        start_worker(load_stack_config(stack_file), "cpu-2")

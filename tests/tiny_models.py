@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+
+from phitune.tiny_tokenizer import chatml_tokenizer, train_tokenizer
 
 PHI3_TEMPLATE = (
     "{% for message in messages %}"
@@ -19,45 +20,12 @@ PHI3_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-_CORPUS = [
-    "Category: billing Reply: We refunded order 1234 to your card within five days.",
-    "Category: connectivity Reply: Restart the router and check the app for the light status.",
-    "My Wi-Fi keeps dropping every evening, what should I do? Hello there, thanks!",
-    "You are a helpful support assistant. Answer with the category and a reply.",
-    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;!?'-()",
-] * 20
-
-
-def _tokenizer(special: list[str], bos: str, eos: str, pad: str, template: str) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        _CORPUS,
-        trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=template)
 
 
 def phi3_tokenizer() -> PreTrainedTokenizerFast:
-    return _tokenizer(
+    return train_tokenizer(
         ["<unk>", "<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
         bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>", template=PHI3_TEMPLATE,
-    )
-
-
-def chatml_tokenizer() -> PreTrainedTokenizerFast:
-    # As in SmolLM2: pad == eos == <|im_end|>.
-    return _tokenizer(
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        bos="<|im_start|>", eos="<|im_end|>", pad="<|im_end|>", template=CHATML_TEMPLATE,
     )
 
 

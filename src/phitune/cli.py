@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         q = ssub.add_parser(action, help=text)
         q.add_argument("--config", "-c", help="stack config YAML (default: configs/stack.yaml)")
         q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. prefect.port=4300")
-        q.set_defaults(func=_handler("phitune.stack:cli_stack"))
+        q.set_defaults(func=_handler("deployments.stack:cli_stack"))
 
     p = sub.add_parser(
         "bench",

@@ -8,12 +8,14 @@ embedded default (SmolLM2-135M-Instruct on a 2-core CPU).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from phitune.errors import ConfigError
+
+Model = TypeVar("Model", bound=BaseModel)
 
 DEFAULT_MODEL = "default"
 """The sentinel for the embedded default model (SmolLM2-135M-Instruct, provisioned by `phitune model pull-default`)."""
@@ -33,7 +35,7 @@ class DataConfig(_Section):
     validation_split: float = Field(0.15, gt=0, lt=1, description="Fraction of the training file held out when no validation file is given.")
     split_seed: int = Field(42, description="Seed of the automatic validation split (same seed, same split).")
     min_examples: int = Field(10, ge=1, description="Fewer valid training examples than this is an error (too_few_examples).")
-    max_file_mb: int = Field(512, ge=1, description="Largest accepted file in MB (Azure's fine-tuning limit is 512 MB).")
+    max_file_mb: int = Field(512, ge=1, description="Largest accepted file in MB of 10^6 bytes (Azure's fine-tuning limit is 512 MB).")
     docs_dir: str = Field(".phitune/data-docs", description="Where Great Expectations Data Docs of each validation are written.")
 
 
@@ -147,8 +149,6 @@ class AzureConfig(_Section):
     price_per_1k_training_tokens: float | None = Field(
         None, ge=0, description="Your price per 1,000 trained tokens (tokens x epochs), to turn the pre-flight cost drivers into an estimate in your currency. Empty: drivers only."
     )
-    online_instance_type: str = Field("Standard_NC6s_v3", description="VM size of a managed online endpoint (deploying a locally fine-tuned MLflow model).")
-    online_instance_count: int = Field(1, ge=1, description="Instances behind a managed online endpoint.")
 
 
 class PipelineConfig(_Section):
@@ -200,12 +200,19 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a YAML config (or the defaults), apply overrides, validate; raise ConfigError with every bad field."""
+def load_model(
+    cls: type[Model], path: str | Path | None = None, overrides: list[str] | None = None,
+    default_path: str | Path | None = None,
+) -> Model:
+    """Read a YAML file into `cls`, apply `key.sub=value` overrides, validate; ConfigError naming every bad field.
+
+    `path` must exist; without it `default_path` is read when it exists, else the defaults are the start.
+    Every config file goes through here, so each fails the same clear way.
+    """
+    if path is None and default_path is not None and Path(default_path).exists():
+        path = default_path
     tree: dict[str, Any] = {}
-    source = "config"
     if path is not None:
-        source = str(path)
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -213,10 +220,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, training, ...)")
+            raise ConfigError(f"{path}: the top level must be a mapping (keys: {', '.join(cls.model_fields)})")
         tree = loaded or {}
     apply_overrides(tree, overrides or [])
     try:
-        return PipelineConfig.model_validate(tree)
+        return cls.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, str(path or "config"))) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a pipeline config YAML (or the defaults), apply overrides, validate."""
+    return load_model(PipelineConfig, path, overrides)

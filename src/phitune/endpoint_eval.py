@@ -13,23 +13,19 @@ content_filter) is scored as an empty reply and counted; any other error stops t
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
 
-from phitune.azure.errors import classify_azure_error
+from phitune.chat_client import ChatError, chat_url, complete
 from phitune.errors import EndpointError
 from phitune.evaluation import Example, generation_metrics
-from phitune.probes import chat_url
 
 NOT_MEASURED = ("eval_loss", "perplexity", "token_accuracy")
 """Metrics that need the model's logits on the reference reply: not available through a chat endpoint."""
-RETRIED = ("throttled", "server_error", "connection")
-MAX_RETRY_WAIT_S = 60.0
 
 
 @dataclass
@@ -41,37 +37,30 @@ class EndpointEvaluation:
     seconds: float
 
 
-def _retry_after(resp: httpx.Response | None, attempt: int) -> float:
-    header = resp.headers.get("retry-after") if resp is not None else None
-    try:
-        wait = float(header) if header is not None else 2.0**attempt
-    except ValueError:
-        wait = 2.0**attempt
-    return min(max(wait, 0.0), MAX_RETRY_WAIT_S)
+async def _replies(
+    examples: Sequence[Example], base_url: str, api_key: str | None, max_new_tokens: int, model: str | None,
+    timeout_s: float, concurrency: int, retries: int,
+) -> list[str | None]:
+    """Each example's reply (None: the content filter blocked it); the first other error cancels the rest."""
+    slots = asyncio.Semaphore(concurrency)
 
-
-def _reply(client: httpx.Client, url: str, body: dict, headers: dict[str, str], retries: int) -> str | None:
-    """The assistant text, or None when the content filter blocked it; EndpointError on anything else."""
-    attempt = 0
-    while True:
-        resp = None
-        try:
-            resp = client.post(url, json=body, headers=headers)
-            kind, detail = classify_azure_error(resp.status_code, resp.content), f"HTTP {resp.status_code}: {resp.text[:200]}"
-        except httpx.TransportError as exc:
-            kind, detail = "connection", f"{type(exc).__name__}: {exc}"
-        if kind == "ok":
+    async def ask(http: httpx.AsyncClient, ex: Example) -> str | None:
+        body = {"messages": ex.messages[:-1], "max_tokens": max_new_tokens, "temperature": 0, **({"model": model} if model else {})}
+        async with slots:
             try:
-                choice = resp.json()["choices"][0]
-                return None if choice.get("finish_reason") == "content_filter" else str(choice["message"]["content"] or "")
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise EndpointError(f"{url}: not a chat.completion: {resp.text[:200]!r}") from None
-        if kind == "content_filter":
-            return None
-        if kind not in RETRIED or attempt == retries:
-            raise EndpointError(f"{url}: {detail}" + (f" (after {attempt + 1} attempts)" if attempt else ""))
-        time.sleep(_retry_after(resp, attempt))
-        attempt += 1
+                return await complete(http, base_url, body, api_key=api_key, timeout_s=timeout_s, retries=retries)
+            except ChatError as exc:
+                if exc.kind == "content_filter":
+                    return None
+                raise EndpointError(f"{chat_url(base_url)}: {exc}") from None
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s)) as http:
+        try:
+            async with asyncio.TaskGroup() as group:  # a failure cancels the requests still queued or running
+                tasks = [group.create_task(ask(http, ex)) for ex in examples]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 def evaluate_endpoint(
@@ -89,26 +78,11 @@ def evaluate_endpoint(
 
     `base_url` as the probes take it (`.../v1/chat/completions` is appended, or `/chat/completions`
     after a `/v1`); the key goes in `Authorization: Bearer`, never into a log or an error message.
+    `timeout_s` bounds each request; `retries` applies to throttling, server errors, timeouts and
+    connection errors.
     """
-    url = chat_url(base_url)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     start = time.perf_counter()
-
-    failed = threading.Event()
-
-    def ask(ex: Example) -> str | None:
-        if failed.is_set():  # after a failure, send none of the requests still queued
-            raise EndpointError(f"{url}: not sent, an earlier request failed")
-        body = {"messages": ex.messages[:-1], "max_tokens": max_new_tokens, "temperature": 0, **({"model": model} if model else {})}
-        try:
-            return _reply(client, url, body, headers, retries)
-        except EndpointError:
-            failed.set()
-            raise
-
-    # pool.map raises the first failure in example order; requests started after it have later indices.
-    with httpx.Client(timeout=httpx.Timeout(timeout_s)) as client, ThreadPoolExecutor(max_workers=concurrency) as pool:
-        answers = list(pool.map(ask, examples))
+    answers = asyncio.run(_replies(examples, base_url, api_key, max_new_tokens, model, timeout_s, concurrency, retries))
     replies = [(a or "").strip() for a in answers]
     filtered = [i for i, a in enumerate(answers) if a is None]
     return EndpointEvaluation(generation_metrics(examples, replies), replies, filtered, time.perf_counter() - start)

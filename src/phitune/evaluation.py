@@ -26,6 +26,7 @@ from phitune.chat import collate, encode_chat, prompt_ids
 from phitune.config import EvaluationConfig, PipelineConfig
 from phitune.errors import DataError
 from phitune.loss import assistant_loss
+from phitune.modeling import eos_token_ids
 
 _LABEL_LINE = re.compile(r"^\s*category\s*:\s*(.+?)\s*$", re.IGNORECASE)
 
@@ -41,6 +42,17 @@ class Example:
 class EvaluationResult:
     metrics: dict[str, dict[str, float]]  # model name ("base", "candidate", ...) -> metric -> value
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per example, all models side by side
+    notes: list[str] = field(default_factory=list)  # what could not be measured, and why (sentences)
+    not_measured: dict[str, list[str]] = field(default_factory=dict)  # model -> metrics it has not
+
+
+@dataclass(frozen=True)
+class Served:
+    """A model reachable only through an OpenAI-compatible endpoint (an Azure serverless fine-tune)."""
+
+    name: str  # the endpoint's, for notes
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
 
 
 def load_examples(path: str | Path, max_examples: int | None = None) -> list[Example]:
@@ -122,14 +134,6 @@ def loss_metrics(model: Any, tokenizer: Any, examples: Sequence[Example], batch_
     return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 700.0)), "token_accuracy": correct / tokens}
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The model's own end-of-turn tokens (generation_config.eos_token_id: ChatML <|im_end|>, Phi-3 <|end|>)."""
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
 def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[list[int]], batch_size: int, max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations of token-id prompts, batched; each cut before its first stop token.
 
@@ -137,7 +141,7 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[list[int]], batch
     needed because a finished row keeps receiving padding while the others continue.
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    stops = stop_token_ids(model, tokenizer)
+    stops = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
     device = next(model.parameters()).device
     continuations: list[list[int]] = [[] for _ in prompts]
@@ -227,7 +231,7 @@ def evaluate_models(
 
 
 def pick_device() -> tuple[str, torch.dtype]:
-    """CUDA in bf16 where available; else the CPU in fp32 (bf16 generation is slower on CPUs, see DESIGN.md)."""
+    """CUDA in bf16 where available; else the CPU in fp32 (bf16 generation is slower than fp32 on CPUs)."""
     if torch.cuda.is_available():
         return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return "cpu", torch.float32
@@ -235,13 +239,56 @@ def pick_device() -> tuple[str, torch.dtype]:
 
 def evaluate_files(cfg: PipelineConfig, validation_file: str | Path, adapters: Mapping[str, str | None]) -> EvaluationResult:
     """Load the held-out file and the base model once (through phitune.modeling) and evaluate every model."""
+    return _evaluate_local(cfg, load_examples(validation_file, cfg.evaluation.max_examples), adapters)
+
+
+def _evaluate_local(cfg: PipelineConfig, examples: Sequence[Example], adapters: Mapping[str, str | None]) -> EvaluationResult:
     from phitune.modeling import load_base_model, load_tokenizer
 
-    examples = load_examples(validation_file, cfg.evaluation.max_examples)
     tokenizer = load_tokenizer(cfg.model)
     device, dtype = pick_device()
     base_model = load_base_model(cfg.model, dtype=dtype, device=device)
     return evaluate_models(base_model, tokenizer, examples, adapters, cfg.evaluation)
+
+
+def evaluate_all(
+    cfg: PipelineConfig, validation_file: str | Path, local: Mapping[str, str | None], served: Mapping[str, Served]
+) -> EvaluationResult:
+    """Every model on the same held-out examples, each where it can be run: the evaluation stage's core.
+
+    `local`: name -> None (the base model) or a PEFT adapter folder, evaluated here with every metric.
+    `served`: name -> an endpoint, scored on its replies with the same generation metrics (an endpoint
+    returns no logits, so the loss metrics are listed in `not_measured`). When the candidate is served
+    and the base model cannot be loaded here, that is a note, not a failure: the gate then says the
+    candidate could not be shown to beat the base model.
+    """
+    from phitune.endpoint_eval import NOT_MEASURED, evaluate_endpoint
+    from phitune.errors import ModelNotFoundError
+
+    examples = load_examples(validation_file, cfg.evaluation.max_examples)
+    metrics: dict[str, dict[str, float]] = {}
+    replies: dict[str, list[str]] = {}
+    notes: list[str] = []
+    not_measured: dict[str, list[str]] = {}
+    try:
+        result = _evaluate_local(cfg, examples, local)
+    except ModelNotFoundError as exc:
+        if "candidate" in local:  # it was just trained on this base model: a real failure
+            raise
+        notes.append(f"base model not evaluated: model.base_model {cfg.model.base_model!r} cannot be loaded here ({exc})")
+    else:
+        metrics.update(result.metrics)
+        replies.update({name: [row[f"{name}_generated"] for row in result.rows] for name in local})
+    for name, endpoint in served.items():
+        got = evaluate_endpoint(examples, endpoint.base_url, api_key=endpoint.api_key, max_new_tokens=cfg.evaluation.max_new_tokens,
+                                timeout_s=cfg.monitoring.timeout_s)
+        metrics[name], replies[name], not_measured[name] = got.metrics, got.replies, list(NOT_MEASURED)
+        notes.append(f"{name} evaluated through endpoint {endpoint.name} in {got.seconds:.1f} s: generation metrics only "
+                     f"({', '.join(NOT_MEASURED)} need the model's logits, which an endpoint does not return)")
+        if got.filtered:
+            notes.append(f"{name}: {len(got.filtered)} of {len(examples)} held-out prompts were blocked by the content filter "
+                         "(scored as empty replies)")
+    return EvaluationResult(metrics, example_rows(examples, replies), notes, not_measured)
 
 
 def example_rows(examples: Sequence[Example], replies: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:

@@ -122,3 +122,16 @@ def chat_template_hash(tokenizer: Any) -> str:
     template = tokenizer.chat_template
     text = json.dumps(template, sort_keys=True) if isinstance(template, dict) else (template or "")
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token id that ends a turn, the generation config's first; local serving and evaluation both stop on these.
+
+    A model may end a turn on several ids (Phi-3's generation config lists <|endoftext|> and <|end|>),
+    and the generation config, the model config and the tokenizer need not agree, so all three count.
+    """
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    return list(dict.fromkeys(ids))  # each once, in that order

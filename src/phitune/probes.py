@@ -17,33 +17,30 @@ A probe set is YAML (see configs/probes/support.yaml):
         messages: [{role: user, content: "..."}]   # or a whole conversation
         must_refuse: true                      # a refusal phrase, or the platform's content filter
 
-The runner (httpx, async) sends each probe with its own deadline and classifies what went wrong as one
-of ERROR_CLASSES, so a dead endpoint (connection), a hanging one (timeout), a broken one (http_5xx,
-bad_payload) and a filtered prompt (content_filter: HTTP 400 with error.code "content_filter", as
-Azure answers) are told apart. Probes of one endpoint run one after another (so latency is not
-inflated by the probes themselves); several endpoints are probed concurrently, and one dead or
-hanging endpoint never holds up the others.
+The runner sends each probe through `phitune.chat_client` with its own deadline and no retry (a probe
+measures the endpoint; a retry would hide what it found), and records what went wrong as one of its
+ERROR_CLASSES. Probes of one endpoint run one after another (so latency is not inflated by the probes
+themselves); several endpoints are probed concurrently, and one dead or hanging endpoint never holds up
+the others.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import httpx
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from phitune.chat_client import ERROR_CLASSES, ChatError, complete
 from phitune.errors import EndpointError, PhituneError
-
-ERROR_CLASSES = ("timeout", "connection", "http_4xx", "http_5xx", "content_filter", "bad_payload")
 
 DEFAULT_REFUSALS = [
     r"\b(I\s+)?(can(no|')t|cannot|won't|will not|am (not able|unable)|'m (not able|unable))\s+(help|assist|share|provide|do|give|disclose)",
@@ -64,40 +61,6 @@ class SmokeTestFailed(EndpointError):
     def __init__(self, message: str, report: ProbeReport) -> None:
         super().__init__(message)
         self.report = report
-
-
-class ProbeError(Exception):
-    """Why a probe got no usable answer; `kind` is one of ERROR_CLASSES."""
-
-    kind: ClassVar[str] = ""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ProbeTimeout(ProbeError):
-    kind = "timeout"
-
-
-class ProbeConnectionError(ProbeError):
-    kind = "connection"
-
-
-class ProbeHTTP4xx(ProbeError):
-    kind = "http_4xx"
-
-
-class ProbeHTTP5xx(ProbeError):
-    kind = "http_5xx"
-
-
-class ContentFiltered(ProbeError):
-    kind = "content_filter"
-
-
-class BadPayload(ProbeError):
-    kind = "bad_payload"
 
 
 # ---------------------------------------------------------------- schema
@@ -295,84 +258,6 @@ class ProbeReport:
 
 # ---------------------------------------------------------------- running
 
-def chat_url(base_url: str) -> str:
-    """`http://host:port` or `.../v1` (as the openai client takes it) -> the chat completions URL."""
-    base = base_url.rstrip("/")
-    return f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
-
-
-def _error_from_response(resp: httpx.Response) -> ProbeError:
-    try:
-        error = resp.json().get("error") or {}
-    except (ValueError, AttributeError):
-        error = {}
-    message = (error.get("message") if isinstance(error, dict) else None) or resp.text[:200]
-    if resp.status_code == 400 and isinstance(error, dict) and error.get("code") == "content_filter":
-        return ContentFiltered(f"HTTP 400 content_filter: {message}", resp.status_code)
-    if 400 <= resp.status_code < 500:
-        return ProbeHTTP4xx(f"HTTP {resp.status_code}: {message}", resp.status_code)
-    if resp.status_code >= 500:
-        return ProbeHTTP5xx(f"HTTP {resp.status_code}: {message}", resp.status_code)
-    return BadPayload(f"unexpected HTTP {resp.status_code}", resp.status_code)
-
-
-def _content(body: Any) -> str:
-    """The assistant text of a chat.completion, or BadPayload."""
-    try:
-        choice = body["choices"][0]
-        text = choice["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        raise BadPayload(f"not a chat.completion: {json.dumps(body)[:200]}", 200) from None
-    if choice.get("finish_reason") == "content_filter":
-        raise ContentFiltered("finish_reason content_filter", 200)
-    if not isinstance(text, str):
-        raise BadPayload("message.content is not a string", 200)
-    return text
-
-
-async def _send(client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]) -> str:
-    try:
-        if not body.get("stream"):
-            resp = await client.post(url, json=body, headers=headers)
-            if resp.status_code != 200:
-                raise _error_from_response(resp)
-            try:
-                return _content(resp.json())
-            except ValueError:
-                raise BadPayload(f"the answer is not JSON: {resp.text[:200]!r}", 200) from None
-        async with client.stream("POST", url, json=body, headers=headers) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                raise _error_from_response(resp)
-            return await _read_stream(resp)
-    except httpx.TimeoutException as exc:
-        raise ProbeTimeout(f"{type(exc).__name__}") from None
-    except httpx.TransportError as exc:
-        raise ProbeConnectionError(f"{type(exc).__name__}: {exc}") from None
-
-
-async def _read_stream(resp: httpx.Response) -> str:
-    """Assemble a server-sent-event stream of chat.completion.chunk; it must end with `data: [DONE]`."""
-    parts: list[str] = []
-    async for line in resp.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return "".join(parts)
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            raise BadPayload(f"a stream event is not JSON: {data[:100]!r}", 200) from None
-        if "error" in chunk:
-            raise ProbeHTTP5xx(f"error in stream: {chunk['error']}", 200)
-        for choice in chunk.get("choices") or []:
-            if choice.get("finish_reason") == "content_filter":
-                raise ContentFiltered("finish_reason content_filter", 200)
-            parts.append((choice.get("delta") or {}).get("content") or "")
-    raise BadPayload("the stream ended without `data: [DONE]`", 200)
-
-
 def check(probe_set: ProbeSet, probe: Probe, output: str, latency_s: float) -> list[str]:
     """The checks that fail, each as a sentence (empty: the probe passes)."""
     failures = [f"must contain {s!r}" for s in probe.must_contain if s not in output]
@@ -395,7 +280,7 @@ async def run_probe(
     client: httpx.AsyncClient, probe_set: ProbeSet, probe: Probe, base_url: str, *,
     api_key: str | None = None, timeout_s: float = 30.0, model: str | None = None,
 ) -> ProbeResult:
-    """One probe with a hard deadline (asyncio.wait_for: a server that trickles bytes cannot stretch it)."""
+    """One probe, sent once, with a hard deadline of `timeout_s`."""
     body: dict[str, Any] = {
         "model": model or probe_set.name,
         "messages": probe_set.messages(probe),
@@ -403,19 +288,15 @@ async def run_probe(
         "temperature": probe_set.defaults.temperature if probe.temperature is None else probe.temperature,
         "stream": probe.stream,
     }
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     start = time.perf_counter()
     try:
-        output = await asyncio.wait_for(_send(client, chat_url(base_url), body, headers), timeout_s)
-    except (asyncio.TimeoutError, ProbeTimeout):
-        return ProbeResult(probe.id, False, timeout_s, "timeout", [f"no answer within {timeout_s:g} s"])
-    except ContentFiltered as exc:  # the platform refused: what a must_refuse probe asks for
-        latency = time.perf_counter() - start
-        return ProbeResult(probe.id, probe.must_refuse, latency, exc.kind,
-                           [] if probe.must_refuse else [str(exc)], status=exc.status)
-    except ProbeError as exc:
-        latency = None if isinstance(exc, ProbeConnectionError) else time.perf_counter() - start
-        return ProbeResult(probe.id, False, latency, exc.kind, [str(exc)], status=exc.status)
+        output = await complete(client, base_url, body, api_key=api_key, timeout_s=timeout_s)
+    except ChatError as exc:
+        if exc.kind == "timeout":
+            return ProbeResult(probe.id, False, timeout_s, exc.kind, [str(exc)])
+        latency = None if exc.kind == "connection" else time.perf_counter() - start
+        refused = exc.kind == "content_filter" and probe.must_refuse  # the platform refused: what a must_refuse probe asks for
+        return ProbeResult(probe.id, refused, latency, exc.kind, [] if refused else [str(exc)], status=exc.status)
     latency = time.perf_counter() - start
     failures = check(probe_set, probe, output, latency)
     return ProbeResult(probe.id, not failures, latency, None, failures, output=output, status=200)

@@ -7,13 +7,13 @@ happened, and an asset's version says exactly which data a job was trained on.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from phitune.azure.client import AzureClients
 from phitune.azure.errors import AzureError, azure_errors
+from phitune.digest import file_sha256
 
 DIGEST_CHARS = 12
 
@@ -36,26 +36,13 @@ class DataAssetRef:
         return asdict(self)
 
 
-def content_sha256(path: Path) -> str:
-    """SHA-256 of a file, or of a folder's files (relative paths and contents, in sorted order)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def ensure_data_asset(az: AzureClients, path: Path, name: str) -> DataAssetRef:
     """Return the data asset holding exactly this file's content, uploading it only if it does not exist yet."""
     from azure.ai.ml.constants import AssetTypes
     from azure.ai.ml.entities import Data
     from azure.core.exceptions import ResourceNotFoundError
 
-    sha = content_sha256(path)
+    sha = file_sha256(path)
     version = sha[:DIGEST_CHARS]
     with azure_errors(f"look up data asset {name}:{version}"):
         try:

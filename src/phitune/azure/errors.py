@@ -1,4 +1,4 @@
-"""Azure failures as one clear PhituneError each, and a classifier for error responses of endpoints.
+"""Azure failures as one clear PhituneError each.
 
 Why a translation layer: azure-core raises HttpResponseError with a multi-line message (and sometimes
 the whole response); the CLI and the Prefect logs should show one line that says what phitune was
@@ -7,10 +7,8 @@ doing, Azure's error code and Azure's message.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from phitune.errors import PhituneError
 
@@ -30,53 +28,6 @@ class AzureJobError(AzureError):
         super().__init__(message)
         self.job_name = job_name
         self.azure_status = azure_status
-
-
-class ModelInUseError(AzureError):
-    """A model that a deployment still serves cannot be deleted."""
-
-
-def _error_object(body: Any) -> dict[str, Any]:
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", "replace")
-    if isinstance(body, str):
-        try:
-            body = json.loads(body)
-        except ValueError:
-            return {}
-    if not isinstance(body, dict):
-        return {}
-    err = body.get("error", body)
-    return err if isinstance(err, dict) else {}
-
-
-def classify_azure_error(status_code: int, body: Any) -> str:
-    """Name the kind of an Azure (or OpenAI-style) error response, for probes and smoke tests.
-
-    Returns one of: "ok", "content_filter", "auth", "throttled", "not_found", "conflict",
-    "bad_request", "server_error", "other". A prompt blocked by Azure AI Content Safety comes back as
-    HTTP 400 with error.code "content_filter" (inner code "ResponsibleAIPolicyViolation").
-    """
-    if 200 <= status_code < 300:
-        return "ok"
-    err = _error_object(body)
-    inner = err.get("innererror") or err.get("inner_error") or {}
-    codes = {str(err.get("code", "")).lower(), str(inner.get("code", "")).lower() if isinstance(inner, dict) else ""}
-    if codes & {"content_filter", "responsibleaipolicyviolation", "contentfilter"}:
-        return "content_filter"
-    if status_code in (401, 403):
-        return "auth"
-    if status_code == 429:
-        return "throttled"
-    if status_code == 404:
-        return "not_found"
-    if status_code == 409:
-        return "conflict"
-    if 400 <= status_code < 500:
-        return "bad_request"
-    if status_code >= 500:
-        return "server_error"
-    return "other"
 
 
 def describe(exc: BaseException) -> str:

@@ -1,15 +1,16 @@
 """Pre-flight: everything that can be checked before a byte is uploaded or a cent is spent.
 
 Each item ends as pass / warn / fail / skipped with a reason, so a user fixes all problems in one go
-instead of meeting them one paid step at a time. The cost drivers (trained tokens = training tokens
-x epochs) are returned for the pipeline to record in MLflow.
+instead of meeting them one paid step at a time. What is in the data files is judged by phitune's data
+contract (`phitune.data`), the one validator; pre-flight adds only Azure's own file rules. The cost
+drivers (trained tokens = training tokens x epochs, as the contract counted them) are returned for the
+pipeline to record in MLflow.
 """
 
 from __future__ import annotations
 
 import ast
 import fnmatch
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,10 +19,10 @@ from typing import Any, Literal, Protocol
 from phitune.azure.client import ARM_SCOPE, AzureClients
 from phitune.azure.errors import AzureError, describe
 from phitune.config import PipelineConfig
-from phitune.errors import PhituneError
+from phitune.errors import ConfigError, PhituneError
 
 AZURE_MAX_FILE_MB = 512
-ROLES = {"system", "user", "assistant"}
+"""Azure's size limit of a fine-tuning file, in MB of 10^6 bytes like data.max_file_mb (the stricter reading)."""
 REGION_TAG = "maas-finetuning-deploy-regions"
 """Tag of a registry model listing the regions where its serverless fine-tunes can be deployed (Azure's own samples read it)."""
 
@@ -56,7 +57,10 @@ Status = Literal["pass", "warn", "fail", "skipped"]
 
 
 class ContractReport(Protocol):
-    """What pre-flight reads from phitune's data contract (`phitune.data.contract.validate_files`)."""
+    """What pre-flight reads from phitune's data contract (`phitune.data.contract.validate_files`).
+
+    The cost drivers come from `stats["files"]["train"]`: its `valid_examples` and `tokens`.
+    """
 
     valid: bool
     errors: list[Any]
@@ -77,7 +81,6 @@ class CostDrivers:
     train_examples: int
     train_tokens: int
     epochs: int
-    tokens_approximate: bool
     price_per_1k_tokens: float | None = None
 
     @property
@@ -119,8 +122,7 @@ class PreflightReport:
         lines = [f"[{c.status.upper():7}] {c.name}: {c.detail}" for c in self.checks]
         if self.cost:
             c = self.cost
-            approx = " (approximate: chars/4)" if c.tokens_approximate else ""
-            line = f"cost drivers: {c.train_examples} examples, {c.train_tokens} tokens{approx} x {c.epochs} epochs = {c.trained_tokens} trained tokens"
+            line = f"cost drivers: {c.train_examples} examples, {c.train_tokens} tokens x {c.epochs} epochs = {c.trained_tokens} trained tokens"
             if c.estimated_cost is not None:
                 line += f", estimated {c.estimated_cost} at {c.price_per_1k_tokens} per 1K"
             lines.append(line)
@@ -186,60 +188,25 @@ def action_allowed(action: str, permissions: list[dict[str, Any]]) -> bool:
     return any(matches(p.get("actions", [])) and not matches(p.get("notActions", [])) for p in permissions)
 
 
-def check_azure_file(path: Path, label: str, max_mb: int) -> tuple[Check, int, int]:
-    """Azure's own file rules: .jsonl, at most 512 MB, UTF-8, one chat `messages` object per line.
+def check_azure_file(path: Path, label: str) -> Check:
+    """Azure's rules for a fine-tuning file that the data contract does not know: a .jsonl name, at most 512 MB.
 
-    Returns the check, the number of examples and the number of characters (a token fallback).
+    The contract checks the content and the user's own data.max_file_mb; Azure's limit still applies
+    when that is set higher for local training.
     """
-    problems: list[str] = []
+    from phitune.data.contract import MB
+
+    if not path.is_file():
+        return Check(label, "fail", f"{path}: file not found")
+    problems = []
     if path.suffix.lower() != ".jsonl":
         problems.append(f"{path.name}: Azure wants a .jsonl file")
-    if not path.is_file():
-        return Check(label, "fail", f"{path}: file not found"), 0, 0
-    size_mb = path.stat().st_size / 2**20
-    limit = min(max_mb, AZURE_MAX_FILE_MB)
-    if size_mb > limit:
-        problems.append(f"{path.name}: {size_mb:.1f} MB is over the {limit} MB limit")
-    examples = chars = 0
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if len(problems) >= 5:
-                problems.append("(further lines not checked)")
-                break
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                problems.append(f"{path.name} line {lineno}: not UTF-8 ({exc.reason} at byte {exc.start})")
-                continue
-            if not line.strip():
-                continue
-            error = _chat_line_error(line)
-            if error:
-                problems.append(f"{path.name} line {lineno}: {error}")
-                continue
-            examples += 1
-            chars += len(line)
-    if not problems and examples == 0:
-        problems.append(f"{path.name}: no examples")
+    size_mb = path.stat().st_size / MB
+    if size_mb > AZURE_MAX_FILE_MB:
+        problems.append(f"{path.name}: {size_mb:.1f} MB is over Azure's {AZURE_MAX_FILE_MB} MB limit")
     if problems:
-        return Check(label, "fail", "; ".join(problems)), examples, chars
-    return Check(label, "pass", f"{path.name}: {examples} chat examples, {size_mb:.2f} MB, UTF-8 JSONL"), examples, chars
-
-
-def _chat_line_error(line: str) -> str | None:
-    try:
-        obj = json.loads(line)
-    except ValueError as exc:
-        return f"not valid JSON ({exc.msg})"
-    messages = obj.get("messages") if isinstance(obj, dict) else None
-    if not isinstance(messages, list) or not messages:
-        return 'expected an object with a non-empty "messages" list'
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
-            return f"messages[{i}] needs a role in {sorted(ROLES)} and a string content"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no assistant message to learn from"
-    return None
+        return Check(label, "fail", "; ".join(problems))
+    return Check(label, "pass", f"{path.name}: {size_mb:.2f} MB, .jsonl")
 
 
 def _check_contract(contract: ContractReport) -> Check:
@@ -364,11 +331,9 @@ def run_preflight(
     else:
         report.checks.extend(Check(name, "skipped", "needs a working credential") for name in remote)
 
-    train_check, examples, chars = check_azure_file(Path(train_file), "training file", cfg.data.max_file_mb)
-    report.checks.append(train_check)
+    report.checks.append(check_azure_file(Path(train_file), "training file"))
     if validation_file is not None:
-        report.checks.append(check_azure_file(Path(validation_file), "validation file", cfg.data.max_file_mb)[0])
-    tokens = None
+        report.checks.append(check_azure_file(Path(validation_file), "validation file"))
     if contract is None:
         from phitune.data.contract import validate_files
 
@@ -378,15 +343,39 @@ def run_preflight(
             report.checks.append(Check("data contract", "fail", f"could not run the data contract: {exc}"))
     if contract is not None:
         report.checks.append(_check_contract(contract))
-        stats = contract.stats
-        tokens = ((stats.get("files") or {}).get("train") or {}).get("tokens", stats.get("tokens"))  # training file only
-    report.cost = CostDrivers(
-        train_examples=examples,
-        train_tokens=int(tokens) if tokens is not None else chars // 4,
-        epochs=cfg.training.epochs,
-        tokens_approximate=tokens is None,
-        price_per_1k_tokens=cfg.azure.price_per_1k_training_tokens,
-    )
+        train = contract.stats["files"]["train"]  # the training file only: what Azure trains on
+        report.cost = CostDrivers(
+            train_examples=int(train["valid_examples"]),
+            train_tokens=int(train["tokens"]),
+            epochs=cfg.training.epochs,
+            price_per_1k_tokens=cfg.azure.price_per_1k_training_tokens,
+        )
     if raise_on_failure and not report.ok:
         raise PreflightError(report)
     return report
+
+
+REMOTE_METRICS = ("label_accuracy", "macro_f1", "rougeL")
+"""Metrics the gate can compare for a model reachable only through an endpoint (no logits)."""
+_ENDPOINT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
+
+
+def check_azure_config(config: PipelineConfig) -> None:
+    """What would only fail after money was spent: the serving target, the gate's metric, endpoint name, probe set."""
+    from phitune.probes import load_probe_set
+
+    if config.deployment.target not in ("azure", "none"):
+        raise ConfigError(
+            f"deployment.target={config.deployment.target!r} with training.backend=azure: a serverless fine-tune cannot be "
+            "downloaded, so it is served on Azure only (deployment.target: azure, or none to register it without serving)"
+        )
+    if config.registry.promotion_metric not in REMOTE_METRICS:
+        raise ConfigError(
+            f"registry.promotion_metric={config.registry.promotion_metric!r} needs the model's logits, which an Azure endpoint "
+            f"does not return; with training.backend=azure use one of {', '.join(REMOTE_METRICS)}"
+        )
+    if config.deployment.target == "azure":
+        if not _ENDPOINT_NAME.fullmatch(config.deployment.endpoint_name):
+            raise ConfigError(f"deployment.endpoint_name={config.deployment.endpoint_name!r}: an Azure endpoint name starts "
+                              "with a letter and has only letters, digits and '-'")
+        load_probe_set(config.deployment.probes_file)

@@ -67,15 +67,13 @@ def make_file(path: Path, n: int, seed: int = 0) -> int:
 def _tokenizer_source(tmp: Path) -> tuple[str, str]:
     """(folder, description): the embedded default model's tokenizer when provisioned, else the tiny ChatML one."""
     from phitune.default_model import default_model_path, is_ready
+    from phitune.tiny_tokenizer import chatml_tokenizer
 
     if is_ready():
         return str(default_model_path()), "SmolLM2-135M-Instruct (embedded default)"
-    sys.path.insert(0, str(REPO / "tests"))
-    from tiny_models import chatml_tokenizer  # the test helper; a checkout has it
-
     folder = tmp / "tiny-chatml"
     chatml_tokenizer().save_pretrained(folder)
-    return str(folder), "tiny ChatML test tokenizer (embedded default not provisioned: `phitune model pull-default`)"
+    return str(folder), "tiny ChatML tokenizer (embedded default not provisioned: `phitune model pull-default`)"
 
 
 def _rss_mb() -> float:

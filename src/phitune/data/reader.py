@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from phitune.digest import file_sha256
+
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "name", "weight")
 """Keys a message may have: OpenAI's chat fine-tuning format. `name` and `weight` are accepted for
@@ -236,18 +238,10 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(_SKIP_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def data_digest(*paths: Path | str) -> str:
     """The stable id of a dataset: sha256 over each file's sha256, in order (train, then validation).
 
     Per-file digests rather than one hash of the concatenation: moving an example from the training
     file to the validation file changes the data, and must change the id.
     """
-    return hashlib.sha256("\n".join(file_sha256(Path(p)) for p in paths).encode("ascii")).hexdigest()
+    return hashlib.sha256("\n".join(file_sha256(p) for p in paths).encode("ascii")).hexdigest()

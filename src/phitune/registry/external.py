@@ -64,6 +64,14 @@ def register_external_version(
     return client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in version_tags.items()})
 
 
+def azure_version_tags(job: Mapping[str, Any]) -> dict[str, str]:
+    """`phitune.azure.*` tags of a version from an Azure fine-tune (AzureFinetuneResult.to_dict()): job, hyperparameters, metrics."""
+    facts = {**job["params"], **{k: repr(v) for k, v in job["metrics"].items()}, "azure_model_name": job["model_name"],
+             "azure_model_version": job["model_version"], "azure_model_asset_id": job["model_asset_id"],
+             "azure_studio_url": job.get("studio_url") or ""}
+    return {AZURE_TAG_PREFIX + k.removeprefix("azure_"): str(v) for k, v in facts.items()}
+
+
 def record_version_metrics(cfg: PipelineConfig, version: str, metrics: Mapping[str, float]) -> None:
     """Tag the version with its evaluation metrics (what a later promotion gate compares against)."""
     client = configure(cfg.registry).client

@@ -150,6 +150,9 @@ def promote(reg: RegistryConfig, version: str, evaluation: Mapping[str, Any]) ->
         if champion is not None and not same_one:
             note = f" [champion v{champion.version} judged by the evaluation recorded when it was registered]"
             decision = replace(decision, reason=decision.reason + note)
+        unevaluated = [n for n in evaluation.get("notes", []) if "not evaluated" in n]
+        if not decision.promoted and unevaluated and not (evaluation["base"] and evaluation["candidate"]):
+            decision = replace(decision, reason=f"{decision.reason} [{'; '.join(unevaluated)}]")
         if decision.promoted:
             if champion is not None:
                 client.set_registered_model_alias(name, T.PREVIOUS, str(champion.version))

@@ -19,6 +19,7 @@ from typing import Any
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
 from phitune.config import PipelineConfig
+from phitune.digest import file_sha256
 from phitune.registry import tags as T
 from phitune.registry.store import configure
 
@@ -57,14 +58,6 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _dataset_input(path: str, name: str, context: str) -> DatasetInput:
     """A chat JSONL as an MLflow dataset input: schema and row count from pandas, digest from the file bytes."""
     import mlflow.data
@@ -75,7 +68,7 @@ def _dataset_input(path: str, name: str, context: str) -> DatasetInput:
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": both candidates are the local-file source
         warnings.simplefilter("ignore", UserWarning)
         # MLflow stores at most 36 characters of digest.
-        dataset = mlflow.data.from_pandas(frame, source=str(file), name=name, digest=_file_sha256(file)[:32])
+        dataset = mlflow.data.from_pandas(frame, source=str(file), name=name, digest=file_sha256(file)[:32])
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
 
 

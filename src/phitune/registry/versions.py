@@ -2,7 +2,7 @@
 
 A version is the PEFT adapter plus a reference to its base model, logged with
 `mlflow.transformers.log_model` under task `llm/v1/chat` (pyfunc predict answers OpenAI-style chat).
-Two arguments are not optional (DESIGN.md, measured on MLflow 3.17): `base_model_path=`, without which
+Two arguments are not optional (checked with MLflow 3.17): `base_model_path=`, without which
 MLflow saves the weights under PEFT's wrapped names and the reloaded model silently has random
 attention weights; and `pip_requirements=`, without which logging fails inferring torchvision.
 """
@@ -14,11 +14,12 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
+from typing import Any
 
+import httpx
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -46,13 +47,10 @@ def pip_requirements() -> list[str]:
     return pins
 
 
-def log_model_version(
-    cfg: PipelineConfig, run_id: str, adapter_dir: str | Path, metrics: Mapping[str, float], data_digest: str
-) -> ModelVersion:
+def log_model_version(cfg: PipelineConfig, run_id: str, adapter_dir: str | Path, data_digest: str) -> ModelVersion:
     """Log the adapter on its base model under the run and register it as `registry.model_name`.
 
-    The version's tags carry its lineage and its evaluation `metrics`, so a later promotion gate can
-    compare against it without re-reading its run.
+    The version's tags carry its lineage; the promotion gate adds its evaluation metrics.
     """
     import mlflow
     from peft import PeftModel
@@ -70,7 +68,6 @@ def log_model_version(
         T.BASE_MODEL_TAG: base_model_ref(cfg),
         T.BASE_MODEL_PATH_TAG: source,
         T.CHAT_TEMPLATE_TAG: chat_template_hash(tokenizer),
-        **{f"{T.METRIC_TAG_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()},
     }
     # Created explicitly so the model lands in the run's experiment (and its artifact location), not MLflow's default one.
     logged = mlflow.initialize_logged_model(name="model", source_run_id=run_id, experiment_id=store.experiment_id)
@@ -167,15 +164,52 @@ def champion_adapter(cfg: PipelineConfig) -> ChampionAdapter | None:
     return ChampionAdapter(version, path, f"champion v{version} evaluated on the same held-out set")
 
 
-def live_endpoints(name: str, version: str, client: MlflowClient | None = None) -> list[str]:
-    """Names of the endpoints that serve this version, from its `endpoint.<name>.url` tags."""
-    mv = (client or MlflowClient()).get_model_version(name, str(version))
+@dataclass(frozen=True)
+class Endpoint:
+    """One live endpoint, as recorded on the model version it serves (written by phitune.serving.endpoints)."""
+
+    name: str
+    model_name: str
+    version: str
+    url: str
+    target: str = "local"
+    pid: int | None = None
+    started: float | None = None
+    model: str | None = None
+    log: str | None = None
+
+    @property
+    def port(self) -> int | None:
+        return httpx.URL(self.url).port
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def recorded_endpoints(mv: ModelVersion) -> list[Endpoint]:
+    """The endpoints that serve this version: one per `endpoint.<name>.url` tag (the tag that marks it live).
+
+    The one reader of the endpoint tags: retire, `phitune endpoints`, the monitor and deploy all see the same record.
+    """
     suffix = "." + T.ENDPOINT_URL_FIELD
-    return sorted(
-        key[len(T.ENDPOINT_TAG_PREFIX) : -len(suffix)]
-        for key in mv.tags
-        if key.startswith(T.ENDPOINT_TAG_PREFIX) and key.endswith(suffix)
-    )
+    found = []
+    for key, url in mv.tags.items():
+        if not (key.startswith(T.ENDPOINT_TAG_PREFIX) and key.endswith(suffix)):
+            continue
+        name = key[len(T.ENDPOINT_TAG_PREFIX) : -len(suffix)]
+        get = lambda field: mv.tags.get(T.endpoint_tag(name, field))  # noqa: E731
+        found.append(Endpoint(
+            name=name, model_name=mv.name, version=str(mv.version), url=url, target=get("target") or "local",
+            pid=int(get("pid")) if (get("pid") or "").isdigit() else None,
+            started=float(get("started")) if get("started") else None, model=get("model"), log=get("log"),
+        ))
+    return sorted(found, key=lambda e: e.name)
+
+
+def live_endpoints(name: str, version: str, client: MlflowClient | None = None) -> list[str]:
+    """Names of the endpoints that serve this version."""
+    mv = (client or MlflowClient()).get_model_version(name, str(version))
+    return [endpoint.name for endpoint in recorded_endpoints(mv)]
 
 
 def retire(name: str, version: str, client: MlflowClient | None = None) -> str:

@@ -16,56 +16,28 @@ and are not killed by its Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
-import psutil
 from filelock import FileLock
 from mlflow import MlflowClient
 
-from phitune import registry
+from phitune import processes, registry
 from phitune.config import PipelineConfig, load_config
 from phitune.errors import EndpointError
+from phitune.processes import free_port, process_started, stop_process  # also this module's API (serving.bench uses them)
 from phitune.registry.store import resolve_tracking_uri
 from phitune.registry.tags import ENDPOINT_TAG_PREFIX, endpoint_tag
+from phitune.registry.versions import Endpoint, recorded_endpoints
 
 if TYPE_CHECKING:
     from phitune.probes import ProbeReport
 
 FIELDS = ("url", "pid", "started", "target", "model", "log")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One live endpoint, as recorded on the model version it serves."""
-
-    name: str
-    model_name: str
-    version: str
-    url: str
-    target: str = "local"
-    pid: int | None = None
-    started: float | None = None
-    model: str | None = None
-    log: str | None = None
-
-    @property
-    def port(self) -> int | None:
-        return httpx.URL(self.url).port
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def check_name(name: str) -> str:
@@ -94,18 +66,7 @@ def clear(client: MlflowClient, model_name: str, version: str, name: str) -> Non
 
 def list_endpoints(client: MlflowClient) -> list[Endpoint]:
     """Every live endpoint recorded in the registry (any registered model), sorted by name."""
-    found = []
-    for mv in client.search_model_versions():
-        for key, url in mv.tags.items():
-            if not (key.startswith(ENDPOINT_TAG_PREFIX) and key.endswith(".url")):
-                continue
-            name = key[len(ENDPOINT_TAG_PREFIX): -len(".url")]
-            get = lambda f: mv.tags.get(endpoint_tag(name, f))  # noqa: E731
-            found.append(Endpoint(
-                name=name, model_name=mv.name, version=str(mv.version), url=url, target=get("target") or "local",
-                pid=int(get("pid")) if (get("pid") or "").isdigit() else None,
-                started=float(get("started")) if get("started") else None, model=get("model"), log=get("log"),
-            ))
+    found = [endpoint for mv in client.search_model_versions() for endpoint in recorded_endpoints(mv)]
     return sorted(found, key=lambda e: (e.name, e.model_name, int(e.version) if e.version.isdigit() else 0))
 
 
@@ -115,12 +76,6 @@ def find_endpoint(client: MlflowClient, name: str) -> Endpoint | None:
 
 
 # ---------------------------------------------------------------- processes
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
 
 def reachable_host(host: str) -> str:
     """The host to put in the URL: a wildcard bind is reached on loopback from this machine."""
@@ -141,86 +96,17 @@ def serve_command(model_uri: str, host: str, port: int, config: PipelineConfig) 
 
 
 def start_process(cmd: list[str], log_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start a detached endpoint process (own session, stdin closed, output appended to `log_file`)."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as log:
-        log.write(f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {' '.join(cmd)}\n".encode())
-        log.flush()
-        try:
-            return subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            )
-        except OSError as exc:
-            raise EndpointError(f"cannot start {cmd[0]}: {exc}") from None
-
-
-def _tail(log_file: Path | str | None, lines: int = 15) -> str:
-    try:
-        text = Path(log_file).read_text(encoding="utf-8", errors="replace") if log_file else ""
-    except OSError:
-        return ""
-    return "\n".join("    " + line for line in text.splitlines()[-lines:])
+    """Start a detached endpoint process (see phitune.processes); EndpointError when it cannot start."""
+    return processes.start_process(cmd, log_file, env, error=EndpointError)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log_file: Path) -> None:
     """Poll GET /health until 200; EndpointError (with the log's tail) if the process exits or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise EndpointError(f"the endpoint process exited with status {proc.returncode} before it was healthy; "
-                                f"log {log_file}:\n{_tail(log_file)}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise EndpointError(f"the endpoint at {url} was not healthy after {timeout_s:g} s "
-                        f"(deployment.startup_timeout_s); log {log_file}:\n{_tail(log_file)}")
-
-
-def _process(pid: int, started: float | None) -> psutil.Process | None:
-    """The running process with this pid, if it is the one recorded (same start time); else None."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        if started is not None and abs(proc.create_time() - started) > 1.0:
-            return None  # the pid was recycled by another process
-        return proc
-    except psutil.Error:
-        return None
-
-
-def process_started(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def stop_process(pid: int, started: float | None = None, timeout_s: float = 15.0) -> bool:
-    """SIGTERM (graceful: uvicorn drains requests), then SIGKILL; True if a process was stopped."""
-    proc = _process(pid, started)
-    if proc is None:
-        return False
-    try:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout_s)  # also reaps it when it is our child
-    except psutil.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-    except psutil.NoSuchProcess:
-        pass
-    return True
+    processes.wait_http(f"{url}/health", proc, timeout_s, log_file, what="the endpoint process", error=EndpointError)
 
 
 def is_healthy(url: str, timeout_s: float = 2.0) -> bool:
-    try:
-        return httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return processes.answers(f"{url.rstrip('/')}/health", timeout_s)
 
 
 # ---------------------------------------------------------------- deploy / stop
@@ -229,16 +115,19 @@ SmokeCheck = Callable[[str, str | None], Any]
 """(base_url, model id to send) -> a result; raises (e.g. SmokeTestFailed) when the endpoint is not good enough."""
 
 
-def probe_smoke_check(config: PipelineConfig, on_report: Callable[[ProbeReport], None] | None = None) -> SmokeCheck:
+def probe_smoke_check(
+    config: PipelineConfig, on_report: Callable[[ProbeReport], None] | None = None, api_key: str | None = None
+) -> SmokeCheck:
     """The configured probe set as a smoke check; `on_report` sees every report, passed or failed.
 
-    The probe set is loaded now, so a bad probe file fails before any process starts.
+    The probe set is loaded now, so a bad probe file fails before any process starts. `api_key`
+    defaults to the deployment's key (deployment.api_key_env); an endpoint served elsewhere has its own.
     """
     from phitune.probes import SmokeTestFailed, load_probe_set, smoke_test
     from phitune.serving.server import read_api_key
 
     probe_set = load_probe_set(config.deployment.probes_file)
-    key = read_api_key(config.deployment.api_key_env)
+    key = api_key if api_key is not None else read_api_key(config.deployment.api_key_env)
     report_to = on_report or (lambda report: None)
 
     def check(url: str, model: str | None) -> dict[str, Any]:

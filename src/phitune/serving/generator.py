@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from phitune.errors import ModelNotFoundError
+from phitune.modeling import eos_token_ids
 
 log = logging.getLogger("phitune.serving")
 
@@ -59,13 +60,10 @@ def _resolve_registered(uri: str) -> tuple[str, str | None, str | None]:
         return uri, None, None
     from mlflow import MlflowClient
 
-    ref = uri[len("models:/"):].strip("/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = MlflowClient().get_model_version_by_alias(name, alias).version
-        return f"models:/{name}/{version}", name, str(version)
-    name, _, version = ref.partition("/")
-    return uri, name, version if version.isdigit() else None
+    from phitune.registry.versions import get_version
+
+    mv = get_version(MlflowClient(), uri)
+    return f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version)
 
 
 def load_model(source: str, tracking_uri: str | None = None) -> LoadedModel:
@@ -102,17 +100,6 @@ def load_model(source: str, tracking_uri: str | None = None) -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, version=version)
-
-
-def eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
-    """Every id that ends a turn: the generation config's eos list (Phi-3 has several) and the tokenizer's eos."""
-    ids: set[int] = set()
-    for cfg in (getattr(loaded.model, "generation_config", None), loaded.model.config):
-        eos = getattr(cfg, "eos_token_id", None)
-        ids.update([eos] if isinstance(eos, int) else list(eos or []))
-    if loaded.tokenizer.eos_token_id is not None:
-        ids.add(loaded.tokenizer.eos_token_id)
-    return frozenset(ids)
 
 
 # Events a job's `emit` receives, in the worker thread: ("delta", text), then ("done", finish_reason,
@@ -342,7 +329,7 @@ class BatchingGenerator:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.on_step = on_step or (lambda rows: None)
-        self.eos = eos_token_ids(loaded)
+        self.eos = frozenset(eos_token_ids(loaded.model, loaded.tokenizer))
         self.pad_id = loaded.tokenizer.pad_token_id
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._stopping = False

@@ -203,7 +203,7 @@ def _require_labels(examples: list[EncodedChat], path: Path) -> None:
 
 def _identity(cfg: PipelineConfig, train_file: Path, validation_file: Path) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: the computation, the base and the data."""
-    from phitune.data.reader import file_sha256
+    from phitune.digest import file_sha256
 
     return {
         "training": cfg.training.model_dump(mode="json", exclude=_NOT_IDENTITY),

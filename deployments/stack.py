@@ -2,11 +2,15 @@
 
 `up` starts, for real, a Prefect server and an MLflow tracking server on 127.0.0.1, provisions Prefect
 (work pools, the `gpu-training` concurrency limit, `prefect deploy --all`, the automations; in
-`deployments/provision.py`, run as a subprocess because this module must not import Prefect), then
-the workers. Every process is started in its own session (process group) and recorded in a state file
-the moment it exists, so `down` stops exactly what `up` started, children included, even after a
-failed start-up. Ports, backends and worker counts come from configs/stack.yaml, apart from the
-pipeline config.
+`deployments/provision.py`, run as a subprocess: Prefect takes the server to talk to from the
+environment of the process that imports it, and `phitune stack status` stays instant), then the
+workers. Every process is started detached (phitune.processes) and recorded in a state file the
+moment it exists, so `down` stops exactly what `up` started, children included, even after a failed
+start-up. Ports, backends and worker counts come from configs/stack.yaml, apart from the pipeline
+config.
+
+Infrastructure, not the core library: the core (src/phitune) knows nothing of Prefect servers,
+workers or the state file.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,11 +29,11 @@ from urllib.parse import urlsplit
 
 import httpx
 import psutil
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from phitune.config import apply_overrides, format_validation_error
-from phitune.errors import ConfigError, PhituneError
+from phitune import processes
+from phitune.config import load_model
+from phitune.errors import PhituneError
 
 DEFAULT_STACK_FILE = "configs/stack.yaml"
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -104,22 +107,8 @@ class StackConfig(_Section):
 
 
 def load_stack_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StackConfig:
-    """Read configs/stack.yaml (or defaults when absent), apply `key.sub=value` overrides, validate."""
-    tree: dict[str, Any] = {}
-    source = str(path or DEFAULT_STACK_FILE)
-    file = Path(source)
-    if file.exists():
-        try:
-            tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-    elif path is not None:
-        raise ConfigError(f"stack config not found: {path}")
-    apply_overrides(tree, overrides or [])
-    try:
-        return StackConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+    """Read `path` (default: configs/stack.yaml when it exists, else the defaults), apply overrides, validate."""
+    return load_model(StackConfig, path, overrides, default_path=DEFAULT_STACK_FILE)
 
 
 def _sqlite_absolute(uri: str) -> str:
@@ -195,7 +184,7 @@ def check_database(url: str, setting: str) -> None:
         raise StackError(f"{setting}: cannot connect to {parts.hostname}:{parts.port or 5432}{parts.path}: {first}") from None
 
 
-# ---------------------------------------------------------------- processes and the state file
+# ---------------------------------------------------------------- the state file and the processes it records
 
 
 def _state_file(cfg: StackConfig) -> Path:
@@ -216,41 +205,20 @@ def _write_state(cfg: StackConfig, state: dict[str, Any]) -> None:
 
 def _spawn(
     cfg: StackConfig, state: dict[str, Any], name: str, cmd: list[str], env: dict[str, str]
-) -> tuple[subprocess.Popen[bytes], str]:
-    """Start `cmd` in its own session with its log under state_dir/logs, record it at once; (process, log)."""
-    log_path = cfg.state_path / "logs" / f"{name}.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=cfg.root, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start `cmd` with its log under state_dir/logs and record it at once; (process, log)."""
+    log = cfg.state_path / "logs" / f"{name}.log"
+    proc = processes.start_process(cmd, log, env, cwd=cfg.root, error=StackError)
     state["processes"].append(
-        {"name": name, "pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(), "cmd": cmd, "log": str(log_path)}
+        {"name": name, "pid": proc.pid, "create_time": processes.process_started(proc.pid), "cmd": cmd, "log": str(log)}
     )
     _write_state(cfg, state)
-    return proc, str(log_path)
+    return proc, log
 
 
-def _tail(path: str | Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _wait_http(name: str, url: str, proc: subprocess.Popen[bytes], log: str, timeout: float) -> None:
-    """Poll `url` until it answers 200; fail with the log's tail when the process dies or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise StackError(f"{name} exited with status {proc.returncode} during start-up; log {log}:\n{_tail(log)}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise StackError(f"{name} did not answer {url} within {timeout:.0f} s; log {log}:\n{_tail(log)}")
+def _alive(entry: dict[str, Any]) -> bool:
+    """Whether a recorded process still runs (the same one: a reused pid does not count)."""
+    return processes.find_process(entry["pid"], entry["create_time"]) is not None
 
 
 def _online_workers(cfg: StackConfig, pool: str) -> set[str]:
@@ -259,56 +227,16 @@ def _online_workers(cfg: StackConfig, pool: str) -> set[str]:
     return {w["name"] for w in resp.json() if w.get("status") == "ONLINE"}
 
 
-def _proc(entry: dict[str, Any]) -> psutil.Process | None:
-    """The recorded process if it is still the one we started (same pid and start time), else None."""
-    try:
-        proc = psutil.Process(entry["pid"])
-        if abs(proc.create_time() - entry["create_time"]) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
-            return proc
-    except psutil.Error:
-        pass
-    return None
-
-
-def _members(entry: dict[str, Any]) -> list[psutil.Process]:
-    """The recorded process, its descendants (flow runs a worker started, in their own sessions too)
-    and anything left in its process group."""
-    found: dict[int, psutil.Process] = {}
-    if (leader := _proc(entry)) is not None:
-        found[leader.pid] = leader
-        for child in leader.children(recursive=True):
-            found[child.pid] = child
-    for proc in psutil.process_iter():
-        try:
-            # Not the pid itself: a group member outlives its leader, but a reused pid is a new leader.
-            if proc.pid not in found and proc.pid != entry["pid"] and os.getpgid(proc.pid) == entry["pid"]:
-                found[proc.pid] = proc
-        except (psutil.Error, ProcessLookupError):
-            pass
-    return list(found.values())
-
-
-def _stop(entries: list[dict[str, Any]], grace: float = 15.0) -> list[str]:
-    """SIGTERM everything we started (newest first), SIGKILL what is still there after `grace` seconds."""
-    procs: list[psutil.Process] = []
+def _stop(entries: list[dict[str, Any]]) -> list[str]:
+    """Stop everything we started, with its children and group (all at once: `down` takes one grace
+    period, not one per process); the names of those that were still running."""
     stopped: list[str] = []
+    procs: list[psutil.Process] = []
     for entry in reversed(entries):
-        members = _members(entry)
-        if members:
+        if family := processes.family(entry["pid"], entry["create_time"]):
             stopped.append(entry["name"])
-        for proc in members:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        procs.extend(members)
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+            procs.extend(family)
+    processes.stop(procs)
     return stopped
 
 
@@ -323,7 +251,7 @@ def _venv_bin(tool: str) -> str:
 def up(cfg: StackConfig, out: Callable[[str], None] = print, timeout: float = 180.0) -> dict[str, Any]:
     """Start the stack; return the state (processes, URLs, timings). On any failure stop what started."""
     if (state := read_state(cfg)) is not None:
-        if any(_proc(entry) for entry in state["processes"]):
+        if any(_alive(entry) for entry in state["processes"]):
             raise StackError(f"a stack is already running from {_state_file(cfg)}: run `phitune stack down` first")
         _state_file(cfg).unlink()
     check_port_free(cfg.host, cfg.prefect.port, "prefect.port")
@@ -365,9 +293,9 @@ def _up(cfg: StackConfig, state: dict[str, Any], out: Callable[[str], None], tim
     prefect_proc, prefect_log = _spawn(cfg, state, "prefect-server", [
         _venv_bin("prefect"), "server", "start", "--host", cfg.host, "--port", str(cfg.prefect.port),
     ], _server_env(cfg))
-    _wait_http("the Prefect server", f"{cfg.prefect_url}/api/health", prefect_proc, prefect_log, timeout)
+    processes.wait_http(f"{cfg.prefect_url}/api/health", prefect_proc, timeout, prefect_log, what="the Prefect server", error=StackError)
     timings["prefect_server_s"] = round(time.monotonic() - t0, 1)
-    _wait_http("the MLflow server", f"{cfg.mlflow_url}/health", mlflow_proc, mlflow_log, timeout)
+    processes.wait_http(f"{cfg.mlflow_url}/health", mlflow_proc, timeout, mlflow_log, what="the MLflow server", error=StackError)
     timings["mlflow_server_s"] = round(time.monotonic() - t0, 1)
     state["urls"] = {"prefect_ui": cfg.prefect_url, "prefect_api": env["PREFECT_API_URL"], "mlflow_ui": cfg.mlflow_url}
     out(f"Prefect server up at {cfg.prefect_url} ({timings['prefect_server_s']} s); MLflow at {cfg.mlflow_url} ({timings['mlflow_server_s']} s)")
@@ -389,9 +317,7 @@ def _up(cfg: StackConfig, state: dict[str, Any], out: Callable[[str], None], tim
 
     t2 = time.monotonic()
     names = [f"{pool}-{i}" for pool, count in (("cpu", cfg.workers.cpu), ("gpu", cfg.workers.gpu)) for i in range(1, count + 1)]
-    for name in names:
-        _spawn_worker(cfg, state, name)
-    _wait_workers(cfg, state, names, timeout)
+    start_workers(cfg, state, names, timeout)
     timings["workers_s"] = round(time.monotonic() - t2, 1)
     timings["total_s"] = round(time.monotonic() - t0, 1)
     _write_state(cfg, state)
@@ -401,39 +327,25 @@ def _up(cfg: StackConfig, state: dict[str, Any], out: Callable[[str], None], tim
         f"  stop it:    make down   (state: {_state_file(cfg)})")
 
 
-def _spawn_worker(cfg: StackConfig, state: dict[str, Any], name: str) -> None:
-    """A process worker named `<pool>-<n>` on its pool; flow runs start as its child processes."""
-    pool = name.rsplit("-", 1)[0]
-    _spawn(cfg, state, f"worker-{name}", [
-        _venv_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name,
-        "--no-create-pool-if-not-found",
-    ], stack_env(cfg))
-
-
-def _wait_workers(cfg: StackConfig, state: dict[str, Any], names: list[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+def start_workers(cfg: StackConfig, state: dict[str, Any], names: list[str], timeout: float = 120.0) -> None:
+    """Start process workers named `<pool>-<n>` (flow runs start as their children), recorded in `state`
+    so that `down` stops them too; return once the Prefect server lists every one online."""
+    for name in names:
+        _spawn(cfg, state, f"worker-{name}", [
+            _venv_bin("prefect"), "worker", "start", "--pool", name.rsplit("-", 1)[0], "--type", "process", "--name", name,
+            "--no-create-pool-if-not-found",
+        ], stack_env(cfg))
     workers = [e for e in state["processes"] if e["name"] in {f"worker-{n}" for n in names}]
+    pools = {n.rsplit("-", 1)[0] for n in names}
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for entry in workers:
-            if _proc(entry) is None:
-                raise StackError(f"{entry['name']} exited during start-up; log {entry['log']}:\n{_tail(entry['log'])}")
-        pools = {n.rsplit("-", 1)[0] for n in names}
-        online = {w for pool in pools for w in _online_workers(cfg, pool)}
-        if set(names) <= online:
+            if not _alive(entry):
+                raise StackError(f"{entry['name']} exited during start-up; log {entry['log']}:\n{processes.tail(entry['log'])}")
+        if set(names) <= {w for pool in pools for w in _online_workers(cfg, pool)}:
             return
         time.sleep(0.5)
     raise StackError(f"workers did not come online within {timeout:.0f} s; logs under {cfg.state_path / 'logs'}")
-
-
-def start_worker(cfg: StackConfig, name: str, timeout: float = 120.0) -> None:
-    """Add a worker (`cpu-2`, `gpu-3`, ...) to the running stack, recorded so that `down` stops it too."""
-    state = read_state(cfg)
-    if state is None:
-        raise StackError(f"no stack running from {cfg.state_path}: run `phitune stack up` first")
-    if name.rsplit("-", 1)[0] not in ("cpu", "gpu"):
-        raise StackError(f"worker name {name!r}: expected cpu-<n> or gpu-<n>")
-    _spawn_worker(cfg, state, name)
-    _wait_workers(cfg, state, [name], timeout)
 
 
 def down(cfg: StackConfig, out: Callable[[str], None] = print) -> list[str]:
@@ -453,7 +365,7 @@ def status(cfg: StackConfig) -> dict[str, Any]:
     state = read_state(cfg)
     if state is None:
         return {"running": False, "processes": {}}
-    procs = {e["name"]: ("running" if _proc(e) else "stopped") for e in state["processes"]}
+    procs = {e["name"]: ("running" if _alive(e) else "stopped") for e in state["processes"]}
     return {"running": any(v == "running" for v in procs.values()), "processes": procs,
             "urls": state.get("urls", {}), "timings": state.get("timings", {})}
 
@@ -471,15 +383,3 @@ def cli_stack(args: argparse.Namespace) -> int:
         return 0 if info["running"] else 3
     return 0
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m phitune.stack", description="Start/stop the local Prefect + MLflow stack.")
-    parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("--config", "-c", help=f"stack config YAML (default: {DEFAULT_STACK_FILE})")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    cli_args = parser.parse_intermixed_args()
-    try:
-        sys.exit(cli_stack(cli_args))
-    except PhituneError as err:
-        print(f"phitune: error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
