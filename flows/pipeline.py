@@ -68,8 +68,8 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
             registered = promotion_gate(config, run_id, registered, evaluation)
             endpoint = deploy_champion(config, registered) if serve and registered["promoted"] else None
         except BaseException:
-            if challenger is not None:
-                remove_endpoint(config, challenger)
+            if challenger is not None:  # a failed clean-up is logged by its task and must not hide this failure
+                remove_endpoint(config, challenger, return_state=True)
             raise
         if challenger is not None and endpoint is None:
             remove_endpoint(config, challenger)

@@ -55,12 +55,13 @@ socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
 socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
-    """A temporary Prefect server (and settings pointing at it) for one test module.
+    """One temporary Prefect server (and settings pointing at it) for the whole session: ~10 s each start.
 
-    Module-scoped on purpose: a harness left active for the session would capture the in-process
-    Prefect client of later modules that talk to their own real server (tests/test_integration.py).
+    Tests that talk to a real stack of their own (tests/test_integration.py) use an explicit
+    `PrefectClient(api=...)` and subprocesses with their own environment, so this harness does not
+    capture them; tests that read artifacts by key read them right after their own flow runs.
     """
     from prefect.testing.utilities import prefect_test_harness
 
